@@ -1,0 +1,1 @@
+"""Dagster objects only; each module composes functions from capti_pipeline.lib."""

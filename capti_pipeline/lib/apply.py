@@ -1,0 +1,212 @@
+"""Apply a plan to the store in one transaction per district, keeping a ledger for undo.
+
+The caller opens the transaction (`engine.begin()`); everything here runs inside it, so a crash
+or `kill -9` anywhere leaves the store exactly as it was before the run.
+"""
+
+from dataclasses import dataclass
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from capti_pipeline.lib import store as st
+from capti_pipeline.lib.diff import Plan
+from capti_pipeline.lib.resolve import ENTITIES, VALUE_COLUMNS
+
+# Restores and updates write every value column, so they share one statement.
+_FULL_WRITE = ("update", "restore", "revert")
+
+
+@dataclass(frozen=True)
+class AppliedChanges:
+    run_id: str
+    roster_version: int
+    rows_written: int
+    counts: dict[str, dict[str, int]]
+
+
+def apply_plan(conn: Connection, plan: Plan, run_id: str) -> AppliedChanges:
+    """Write the plan; raises StalePlanError (nothing written) if the roster moved meanwhile."""
+    version = st.claim_roster_version(conn, plan.district_id, plan.base_version)
+    ledger = _ledger(conn, plan)
+    written = 0
+    for entity in ENTITIES:
+        changes = plan.changes.get(entity)
+        if changes is None or changes.empty:
+            continue
+        written += _write_entity(conn, plan.district_id, entity, changes, run_id)
+    written += _rewrite_memberships(conn, plan.district_id, plan.changes.get("users"), ledger)
+    st.save_payload(conn, run_id, "ledger", ledger)
+    return AppliedChanges(run_id, version, written, plan.counts())
+
+
+def _ledger(conn: Connection, plan: Plan) -> dict[str, pd.DataFrame]:
+    """Before-images of every touched row (store columns), and the ids of created rows."""
+    ledger: dict[str, pd.DataFrame] = {}
+    for entity in ENTITIES:
+        changes = plan.changes.get(entity)
+        if changes is None or changes.empty:
+            continue
+        existing_ids = changes["sourcedId"][~changes["action"].eq("create")].tolist()
+        before = st.read_full_rows(conn, plan.district_id, entity, existing_ids)
+        before = before.drop(columns=["id"], errors="ignore")
+        before.insert(0, "action", before["sourced_id"].map(
+            dict(zip(changes["sourcedId"], changes["action"], strict=True))
+        ))
+        created = changes[changes["action"].eq("create")]
+        created_rows = pd.DataFrame({"action": "create", "sourced_id": created["sourcedId"]})
+        ledger[entity] = pd.concat([before, created_rows], ignore_index=True)
+    return ledger
+
+
+def _write_entity(
+    conn: Connection, district_id: str, entity: str, changes: pd.DataFrame, run_id: str
+) -> int:
+    table = st.ROSTER_TABLES[entity].name
+    names = st.COLUMN_NAMES[entity]
+    value_columns = list(VALUE_COLUMNS[entity])
+    store_columns = [names[c] for c in value_columns]
+    written = 0
+
+    creates = changes[changes["action"].eq("create")]
+    if not creates.empty:
+        frame = creates.assign(
+            district_id=district_id, status="active", created_run=run_id, updated_run=run_id
+        )
+        columns = ["district_id", "sourcedId", *value_columns, "status", "row_hash"]
+        columns += ["created_run", "updated_run"]
+        rows = st._rows(frame, columns)
+        target = ["district_id", "sourced_id", *store_columns, "status", "row_hash"]
+        written += st.copy_rows(conn, table, [*target, "created_run", "updated_run"], rows)
+
+    full = changes[changes["action"].isin(_FULL_WRITE)]
+    if not full.empty:
+        status = full["status"] if "status" in full.columns else None
+        frame = full.assign(
+            status=status.fillna("active") if status is not None else "active",
+            updated_run=run_id,
+            district_id=district_id,
+        )
+        sets = ", ".join(f"{c} = ?" for c in [*store_columns, "status", "row_hash", "updated_run"])
+        rows = st._rows(
+            frame, [*value_columns, "status", "row_hash", "updated_run", "district_id", "sourcedId"]
+        )
+        written += st.execute_many(
+            conn, f"UPDATE {table} SET {sets} WHERE district_id = ? AND sourced_id = ?", rows
+        )
+
+    archives = changes[changes["action"].eq("archive")]
+    if not archives.empty:
+        rows = [(run_id, district_id, s) for s in archives["sourcedId"].tolist()]
+        written += st.execute_many(
+            conn,
+            f"UPDATE {table} SET status = 'archived', updated_run = ? "
+            "WHERE district_id = ? AND sourced_id = ?",
+            rows,
+        )
+
+    deletes = changes[changes["action"].eq("delete")]
+    if not deletes.empty:
+        rows = [(district_id, s) for s in deletes["sourcedId"].tolist()]
+        written += st.execute_many(
+            conn, f"DELETE FROM {table} WHERE district_id = ? AND sourced_id = ?", rows
+        )
+    return written
+
+
+def _rewrite_memberships(
+    conn: Connection,
+    district_id: str,
+    user_changes: pd.DataFrame | None,
+    ledger: dict[str, pd.DataFrame],
+) -> int:
+    """Memberships follow the user rows: rewrite them for every user the plan touched."""
+    if user_changes is None or user_changes.empty:
+        return 0
+    before = ledger.get("users")
+    before_locations = (
+        dict(zip(before["sourced_id"], before["locations"].fillna(""), strict=True))
+        if before is not None and "locations" in before.columns
+        else {}
+    )
+    affected = user_changes["sourcedId"].tolist()
+    st.execute_many(
+        conn,
+        "DELETE FROM memberships WHERE district_id = ? AND user_sourced_id = ?",
+        [(district_id, s) for s in affected],
+    )
+    rows: list[tuple[str, str, str, str]] = []
+    statuses = user_changes["status"] if "status" in user_changes.columns else None
+    for index, (action, sourced_id, locs) in enumerate(
+        zip(
+            user_changes["action"],
+            user_changes["sourcedId"],
+            user_changes["locations"].fillna(""),
+            strict=True,
+        )
+    ):
+        if action == "delete":
+            continue
+        if action == "archive":
+            status, locs = "archived", before_locations.get(sourced_id, "")
+        else:
+            status = "active"
+            if statuses is not None and isinstance(statuses.iloc[index], str):
+                status = statuses.iloc[index]
+        rows.extend(
+            (district_id, sourced_id, location, status)
+            for location in str(locs).split(",")
+            if location
+        )
+    return st.copy_rows(
+        conn, "memberships", ["district_id", "user_sourced_id", "location_sourced_id", "status"], rows
+    )
+
+
+def undo_plan(conn: Connection, district_id: str, run_ids: list[str]) -> Plan:
+    """The plan that reverts the given applied runs (newest first) to their before-images."""
+    reverted: dict[str, pd.DataFrame] = {}
+    version = st.get_district(conn, district_id).roster_version
+    for run_id in run_ids:
+        ledger = st.load_payload(conn, run_id, "ledger")
+        for entity, frame in ledger.items():
+            if frame.empty:
+                continue
+            reverse = _reverse(entity, frame)
+            if entity in reverted:
+                # The older run's before-image wins for rows both runs touched.
+                newer = reverted[entity]
+                newer = newer[~newer["sourcedId"].isin(reverse["sourcedId"])]
+                reverse = pd.concat([newer, reverse], ignore_index=True)
+            reverted[entity] = reverse
+    # A row created by one of the runs and touched again later must end up deleted.
+    return Plan(district_id, version, {e: reverted[e] for e in ENTITIES if e in reverted})
+
+
+def _reverse(entity: str, ledger: pd.DataFrame) -> pd.DataFrame:
+    names = st.COLUMN_NAMES[entity]
+    created = ledger["action"].eq("create")
+    deletes = pd.DataFrame({"action": "delete", "sourcedId": ledger["sourced_id"][created]})
+    before = ledger[~created]
+    reverts = pd.DataFrame(
+        {
+            "action": "revert",
+            "sourcedId": before["sourced_id"],
+            **{roster: before[store] for roster, store in names.items()},
+            "status": before["status"],
+            "row_hash": before["row_hash"].astype("int64"),
+        }
+    )
+    if "enabled" in reverts.columns:
+        reverts["enabled"] = reverts["enabled"].astype(bool)
+    return pd.concat([f for f in (deletes, reverts) if not f.empty] or [deletes], ignore_index=True)
+
+
+def district_row_counts(conn: Connection, district_id: str) -> dict[str, int]:
+    counts = {}
+    for entity, table in st.ROSTER_TABLES.items():
+        counts[entity] = conn.execute(
+            sa.select(sa.func.count()).select_from(table).where(table.c.district_id == district_id)
+        ).scalar_one()
+    return counts

@@ -1,0 +1,291 @@
+"""Compare the resolved roster with the live store and produce the plan of changes.
+
+Unchanged rows cost one integer comparison (row hashes); everything is vectorised. Deletions are
+scoped: only records inside the schools this delivery covers, never a row that validation
+rejected, and never anything in a file that is absent. New accounts that look like an existing
+one (same username, email or identifier) are held back as possible duplicates.
+"""
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from capti_pipeline.lib.issues import WARNING, Issue
+from capti_pipeline.lib.resolve import ENTITIES, VALUE_COLUMNS, ResolvedRoster
+from capti_pipeline.lib.store import StoreState
+
+ACTIONS = ("create", "update", "archive", "restore")
+UNDO_ACTIONS = ("revert", "delete")
+_SAMPLE = 5
+
+
+@dataclass
+class Plan:
+    """The changes one sync would make to one district, entity by entity.
+
+    Each `changes` frame has an `action` column plus the roster columns of the new values
+    (empty for archive/delete). `base_version` is the store version the plan was computed against.
+    """
+
+    district_id: str
+    base_version: int
+    changes: dict[str, pd.DataFrame]
+    issues: list[Issue] = field(default_factory=list)
+    duplicates: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["sourcedId", "matches", "field"])
+    )
+    membership_changes: dict[str, int] = field(default_factory=lambda: {"added": 0, "ended": 0})
+    rows_read: dict[str, int] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for entity in ENTITIES:
+            frame = self.changes.get(entity)
+            actions = frame["action"].value_counts() if frame is not None else pd.Series()
+            out[entity] = {a: int(actions.get(a, 0)) for a in (*ACTIONS, *UNDO_ACTIONS)}
+            out[entity] = {a: n for a, n in out[entity].items() if n or a in ACTIONS}
+        out["memberships"] = dict(self.membership_changes)
+        return out
+
+    def total(self) -> int:
+        return sum(len(frame) for frame in self.changes.values())
+
+    def is_empty(self) -> bool:
+        return self.total() == 0
+
+    def ids(self, entity: str, action: str) -> list[str]:
+        frame = self.changes.get(entity)
+        if frame is None:
+            return []
+        return frame["sourcedId"][frame["action"].eq(action)].tolist()
+
+
+def empty_changes(entity: str) -> pd.DataFrame:
+    columns = ["action", "sourcedId", *VALUE_COLUMNS[entity], "row_hash"]
+    return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+
+
+def compute_plan(
+    district_id: str,
+    roster: ResolvedRoster,
+    store: StoreState,
+    *,
+    allowed_duplicates: set[str] | None = None,
+) -> Plan:
+    """Pure function: (resolved roster, store state) → plan (carrying every issue so far)."""
+    issues: list[Issue] = list(roster.issues)
+    changes: dict[str, pd.DataFrame] = {}
+    scope = _deletion_scope(roster, store, issues)
+    for entity in ENTITIES:
+        changes[entity] = _entity_changes(entity, roster, store, scope[entity])
+    duplicates = _hold_possible_duplicates(changes, store, allowed_duplicates or set(), issues)
+    _cascade_archives(changes, store, roster)
+    membership = _membership_changes(changes["users"], store)
+    return Plan(
+        district_id, store.version, changes, issues, duplicates, membership, dict(roster.rows_read)
+    )
+
+
+def _deletion_scope(
+    roster: ResolvedRoster, store: StoreState, issues: list[Issue]
+) -> dict[str, pd.Series]:
+    """Per entity, a mask over the store frame: rows a bulk file's silence may archive."""
+    schools = roster.delivered_schools
+    known_locations = store.frames["locations"]
+    missing = known_locations[
+        known_locations["type"].eq("school")
+        & known_locations["status"].eq("active")
+        & ~known_locations["sourcedId"].isin(schools)
+    ]
+    for sourced_id in missing["sourcedId"]:
+        issues.append(
+            Issue(
+                WARNING,
+                "orgs.csv",
+                0,
+                "sourcedId",
+                sourced_id,
+                "school not delivered: its users, classes and enrollments are kept as they are",
+            )
+        )
+    locs = known_locations
+    # Locations are only archived when the delivery marks them tobedeleted.
+    location_scope = pd.Series(False, index=locs.index)
+
+    store_users = store.frames["users"]
+    user_locations = store_users["locations"]
+    single = ~user_locations.str.contains(",", regex=False)
+    users_scope = pd.Series(False, index=store_users.index)
+    users_scope[single] = user_locations[single].isin(schools) | (
+        user_locations[single].eq("") & roster.district_delivered
+    )
+    for index, value in user_locations[~single].items():
+        users_scope[index] = set(value.split(",")) <= schools
+
+    store_classes = store.frames["classes"]
+    classes_scope = store_classes["location"].isin(schools)
+
+    store_enrollments = store.frames["enrollments"]
+    class_location = dict(zip(store_classes["sourcedId"], store_classes["location"], strict=True))
+    enrollment_scope = store_enrollments["class"].map(class_location).isin(schools)
+    return {
+        "locations": location_scope,
+        "users": users_scope,
+        "classes": classes_scope,
+        "enrollments": enrollment_scope,
+    }
+
+
+def _entity_changes(
+    entity: str, roster: ResolvedRoster, store: StoreState, in_scope: pd.Series
+) -> pd.DataFrame:
+    mode = roster.modes[entity]
+    stored = store.frames[entity]
+    if mode == "absent":
+        return empty_changes(entity)
+    delivered = roster.frames[entity]
+    known = stored[["sourcedId", "status", "row_hash"]].rename(
+        columns={"status": "_status", "row_hash": "_hash"}
+    )
+    merged = delivered.merge(known, on="sourcedId", how="left", sort=False)
+    new = merged["_status"].isna()
+    archived = merged["_status"].eq("archived")
+    changed = merged["_status"].eq("active") & merged["_hash"].ne(merged["row_hash"])
+    action = pd.Series(pd.NA, index=merged.index, dtype="object")
+    action[new] = "create"
+    action[archived] = "restore"
+    action[changed] = "update"
+    upserts = merged[action.notna()].drop(columns=["_status", "_hash"])
+    upserts.insert(0, "action", action[action.notna()])
+
+    active = stored["status"].eq("active")
+    gone = stored["sourcedId"].isin(roster.removals[entity])
+    if mode == "bulk":
+        silent = ~stored["sourcedId"].isin(delivered["sourcedId"])
+        gone |= silent & in_scope
+    gone &= active & ~stored["sourcedId"].isin(roster.protected[entity])
+    archives = pd.DataFrame({"action": "archive", "sourcedId": stored["sourcedId"][gone]})
+    frames = [f for f in (upserts, archives) if not f.empty]
+    if not frames:
+        return empty_changes(entity)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _hold_possible_duplicates(
+    changes: dict[str, pd.DataFrame],
+    store: StoreState,
+    allowed: set[str],
+    issues: list[Issue],
+) -> pd.DataFrame:
+    """New accounts matching an existing one by username/email/identifier are not created."""
+    users = changes["users"]
+    creates = users[users["action"].eq("create") & ~users["sourcedId"].isin(allowed)]
+    stored = store.frames["users"]
+    found: list[pd.DataFrame] = []
+    for column in ("username", "email", "identifier"):
+        if creates.empty or stored.empty:
+            break
+        candidates = creates[creates[column].ne("")][["sourcedId", column]]
+        existing = stored[stored[column].ne("")][["sourcedId", column]].rename(
+            columns={"sourcedId": "matches"}
+        )
+        hits = candidates.merge(existing, on=column, how="inner")
+        hits = hits[hits["matches"] != hits["sourcedId"]]
+        if not hits.empty:
+            found.append(hits[["sourcedId", "matches"]].assign(field=column))
+    if not found:
+        return pd.DataFrame(columns=["sourcedId", "matches", "field"])
+    duplicates = (
+        pd.concat(found, ignore_index=True)
+        .drop_duplicates(["sourcedId", "matches"])
+        .reset_index(drop=True)
+    )
+    for row in duplicates.itertuples(index=False):
+        issues.append(
+            Issue(
+                WARNING,
+                "users.csv",
+                0,
+                row.field,
+                row.sourcedId,
+                f"possible duplicate of existing account {row.matches} (same {row.field}); not "
+                "created until support resolves it (capti-sync duplicates)",
+            )
+        )
+    held = set(duplicates["sourcedId"])
+    changes["users"] = users[~(users["action"].eq("create") & users["sourcedId"].isin(held))]
+    enrollments = changes["enrollments"]
+    changes["enrollments"] = enrollments[
+        ~(enrollments["action"].eq("create") & enrollments["user"].isin(held))
+    ]
+    return duplicates
+
+
+def _cascade_archives(
+    changes: dict[str, pd.DataFrame], store: StoreState, roster: ResolvedRoster
+) -> None:
+    """Archiving a user or class ends its enrollments, even if the enrollments file is silent."""
+    archived_users = set(changes["users"]["sourcedId"][changes["users"]["action"].eq("archive")])
+    archived_classes = set(
+        changes["classes"]["sourcedId"][changes["classes"]["action"].eq("archive")]
+    )
+    if not archived_users and not archived_classes:
+        return
+    enrollments = changes["enrollments"]
+    stored = store.frames["enrollments"]
+    touched = set(enrollments["sourcedId"])
+    ending = stored[
+        stored["status"].eq("active")
+        & (stored["user"].isin(archived_users) | stored["class"].isin(archived_classes))
+        & ~stored["sourcedId"].isin(touched)
+    ]
+    if ending.empty:
+        return
+    extra = pd.DataFrame({"action": "archive", "sourcedId": ending["sourcedId"]})
+    changes["enrollments"] = pd.concat([enrollments, extra], ignore_index=True)
+
+
+def _membership_changes(user_changes: pd.DataFrame, store: StoreState) -> dict[str, int]:
+    if user_changes.empty:
+        return {"added": 0, "ended": 0}
+    before = dict(
+        zip(
+            store.frames["users"]["sourcedId"],
+            store.frames["users"]["locations"].where(store.frames["users"]["status"].eq("active"), ""),
+            strict=True,
+        )
+    )
+    added = ended = 0
+    for action, sourced_id, after in zip(
+        user_changes["action"],
+        user_changes["sourcedId"],
+        user_changes["locations"].fillna(""),
+        strict=True,
+    ):
+        old = set(filter(None, before.get(sourced_id, "").split(",")))
+        new = set() if action == "archive" else set(filter(None, str(after).split(",")))
+        added += len(new - old)
+        ended += len(old - new)
+    return {"added": added, "ended": ended}
+
+
+def filter_adds_only(plan: Plan) -> tuple[Plan, dict[str, int]]:
+    """Summer-rollover mode: keep creates, drop updates, archives and restores."""
+    skipped: dict[str, int] = {}
+    kept: dict[str, pd.DataFrame] = {}
+    for entity, frame in plan.changes.items():
+        creates = frame["action"].eq("create")
+        skipped[entity] = int((~creates).sum())
+        kept[entity] = frame[creates].reset_index(drop=True)
+    created_users = kept["users"]
+    added = sum(len([x for x in str(v).split(",") if x]) for v in created_users["locations"])
+    filtered = Plan(
+        plan.district_id,
+        plan.base_version,
+        kept,
+        list(plan.issues),
+        plan.duplicates,
+        {"added": added, "ended": 0},
+        dict(plan.rows_read),
+    )
+    return filtered, skipped

@@ -1,0 +1,149 @@
+"""pandera models, one per OneRoster file, applied to canonicalised all-text frames.
+
+Vocabularies are canonicalised before validation (see `validate.canonicalise`), so the models
+state exactly what Capti accepts. Each check's `error` is the message an operator reads.
+"""
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing.pandas import Series
+
+from capti_pipeline.lib import oneroster_format as fmt
+
+# No commas (they separate list items) and no surrounding blanks; opaque otherwise.
+ID_PATTERN = r"^[^,\s](?:[^,]*[^,\s])?$"
+
+
+def _expected(values: tuple[str, ...], blank_ok: bool = False) -> str:
+    return f"expected one of: {', '.join(values)}" + (" (or blank)" if blank_ok else "")
+
+
+def _grade_list_ok(series: pd.Series) -> pd.Series:
+    allowed = set(fmt.GRADE_CODES)
+    ok = series.eq("") | series.isin(allowed)
+    multi = ~ok & series.str.contains(",", regex=False)
+    if multi.any():
+        ok.loc[multi] = series[multi].map(
+            lambda v: all(item.strip() in allowed for item in v.split(","))
+        )
+    return ok
+
+
+def _required(alias: str | None = None) -> object:
+    return pa.Field(alias=alias, str_length={"min_value": 1})
+
+
+class _Base(pa.DataFrameModel):
+    sourced_id: Series[str] = pa.Field(alias="sourcedId", unique=True)
+    status: Series[str]
+
+    class Config:
+        strict = False
+        coerce = False
+
+    @pa.check("sourcedId", error="sourcedId must be non-empty, without commas or surrounding spaces")
+    def _sourced_id_shape(cls, s: Series[str]) -> Series[bool]:
+        return s.str.match(ID_PATTERN)
+
+    @pa.check("status", error=_expected(fmt.STATUSES, blank_ok=True))
+    def _status_known(cls, s: Series[str]) -> Series[bool]:
+        return s.isin({"", *fmt.STATUSES})
+
+
+class OrgsModel(_Base):
+    name: Series[str] = _required()
+    type: Series[str]
+
+    @pa.check("type", error=_expected(fmt.ORG_TYPES))
+    def _type_known(cls, s: Series[str]) -> Series[bool]:
+        return s.isin(fmt.ORG_TYPES)
+
+
+class _UsersCommon(_Base):
+    enabled_user: Series[str] = pa.Field(alias="enabledUser")
+    username: Series[str] = _required()
+    given_name: Series[str] = _required("givenName")
+    family_name: Series[str] = _required("familyName")
+    grades: Series[str]
+
+    @pa.check("enabledUser", error=_expected(fmt.BOOLEANS))
+    def _enabled_known(cls, s: Series[str]) -> Series[bool]:
+        return s.isin(fmt.BOOLEANS)
+
+    @pa.check("grades", error=f"grades must be CEDS codes ({', '.join(fmt.GRADE_CODES)})")
+    def _grades_known(cls, s: Series[str]) -> Series[bool]:
+        return _grade_list_ok(s)
+
+
+class UsersV11Model(_UsersCommon):
+    org_sourced_ids: Series[str] = _required("orgSourcedIds")
+    role: Series[str]
+
+    @pa.check("role", error=_expected(fmt.USER_ROLES_11))
+    def _role_known(cls, s: Series[str]) -> Series[bool]:
+        return s.isin(fmt.USER_ROLES_11)
+
+
+class UsersV12Model(_UsersCommon):
+    pass
+
+
+class RolesModel(_Base):
+    user_sourced_id: Series[str] = _required("userSourcedId")
+    role_type: Series[str] = pa.Field(alias="roleType")
+    role: Series[str]
+    org_sourced_id: Series[str] = _required("orgSourcedId")
+
+    @pa.check("roleType", error=_expected(fmt.ROLE_TYPES))
+    def _role_type_known(cls, s: Series[str]) -> Series[bool]:
+        return s.isin(fmt.ROLE_TYPES)
+
+    @pa.check("role", error=_expected(fmt.USER_ROLES_12))
+    def _role_known(cls, s: Series[str]) -> Series[bool]:
+        return s.isin(fmt.USER_ROLES_12)
+
+
+class ClassesModel(_Base):
+    title: Series[str] = _required()
+    class_type: Series[str] = pa.Field(alias="classType")
+    school_sourced_id: Series[str] = _required("schoolSourcedId")
+
+    @pa.check("classType", error=_expected(fmt.CLASS_TYPES))
+    def _class_type_known(cls, s: Series[str]) -> Series[bool]:
+        return s.isin(fmt.CLASS_TYPES)
+
+
+class EnrollmentsModel(_Base):
+    class_sourced_id: Series[str] = _required("classSourcedId")
+    user_sourced_id: Series[str] = _required("userSourcedId")
+    role: Series[str]
+    primary: Series[str]
+
+    @pa.check("role", error=_expected(fmt.ENROLLMENT_ROLES))
+    def _role_known(cls, s: Series[str]) -> Series[bool]:
+        return s.isin(fmt.ENROLLMENT_ROLES)
+
+    @pa.check("primary", error=_expected(fmt.BOOLEANS, blank_ok=True))
+    def _primary_known(cls, s: Series[str]) -> Series[bool]:
+        return s.isin({"", *fmt.BOOLEANS})
+
+
+class AcademicSessionsModel(_Base):
+    title: Series[str] = _required()
+
+
+class CoursesModel(_Base):
+    title: Series[str] = _required()
+
+
+def model_for(version: str, file: str) -> type[pa.DataFrameModel] | None:
+    if file == "users.csv":
+        return UsersV12Model if version == "1.2" else UsersV11Model
+    return {
+        "orgs.csv": OrgsModel,
+        "roles.csv": RolesModel,
+        "classes.csv": ClassesModel,
+        "enrollments.csv": EnrollmentsModel,
+        "academicSessions.csv": AcademicSessionsModel,
+        "courses.csv": CoursesModel,
+    }.get(file)

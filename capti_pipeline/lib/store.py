@@ -1,0 +1,583 @@
+"""Capti's roster store (SQLAlchemy 2 Core): schema, reads, and the one-transaction apply.
+
+Every row belongs to one district and is addressed by (district_id, sourced_id), so one district's
+delivery can never touch another's rows. The districts row carries a `roster_version` that every
+apply bumps inside its transaction: that row lock serialises concurrent applies of one district
+(CLI run and daemon run alike) and detects a plan computed against an older roster.
+"""
+
+import io
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+SCHEMA_VERSION = 1
+metadata = sa.MetaData()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+districts = sa.Table(
+    "districts",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("source_url", sa.Text, nullable=False),
+    sa.Column("sftp_key_path", sa.Text),
+    sa.Column("known_hosts_path", sa.Text),
+    sa.Column("password_env", sa.String(255)),
+    sa.Column("higher_ed", sa.Boolean, nullable=False, default=False),
+    sa.Column("active", sa.Boolean, nullable=False, default=True),
+    sa.Column("paused", sa.Boolean, nullable=False, default=False),
+    sa.Column("paused_until", sa.DateTime),
+    sa.Column("pause_reason", sa.Text),
+    sa.Column("adds_only", sa.Boolean, nullable=False, default=False),
+    sa.Column("thresholds", sa.Text, nullable=False, default="{}"),
+    sa.Column("state", sa.String(32), nullable=False, default="registered"),
+    sa.Column("state_detail", sa.Text),
+    sa.Column("roster_version", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.DateTime, nullable=False, default=_now),
+    sa.Column("updated_at", sa.DateTime, nullable=False, default=_now, onupdate=_now),
+)
+
+
+def _roster_table(name: str, *columns: sa.Column) -> sa.Table:
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("district_id", sa.String(128), nullable=False),
+        sa.Column("sourced_id", sa.String(255), nullable=False),
+        *columns,
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("row_hash", sa.BigInteger, nullable=False),
+        sa.Column("created_run", sa.String(64)),
+        sa.Column("updated_run", sa.String(64)),
+        sa.UniqueConstraint("district_id", "sourced_id", name=f"uq_{name}_district_sourced"),
+    )
+
+
+locations = _roster_table(
+    "locations",
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),
+)
+users = _roster_table(
+    "users",
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("username", sa.String(255), nullable=False),
+    sa.Column("given_name", sa.Text, nullable=False),
+    sa.Column("family_name", sa.Text, nullable=False),
+    sa.Column("email", sa.Text, nullable=False),
+    sa.Column("identifier", sa.Text, nullable=False),
+    sa.Column("grades", sa.Text, nullable=False),
+    sa.Column("locations", sa.Text, nullable=False),
+)
+sa.Index("ix_users_district_username", users.c.district_id, users.c.username)
+classes = _roster_table(
+    "classes",
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("location", sa.String(255), nullable=False),
+)
+enrollments = _roster_table(
+    "enrollments",
+    sa.Column("class_sourced_id", sa.String(255), nullable=False),
+    sa.Column("user_sourced_id", sa.String(255), nullable=False),
+    sa.Column("role", sa.String(32), nullable=False),
+)
+memberships = sa.Table(
+    "memberships",
+    metadata,
+    sa.Column("district_id", sa.String(128), primary_key=True),
+    sa.Column("user_sourced_id", sa.String(255), primary_key=True),
+    sa.Column("location_sourced_id", sa.String(255), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+)
+sync_runs = sa.Table(
+    "sync_runs",
+    metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("district_id", sa.String(128), nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # sync | dry_run | approve | undo
+    sa.Column("trigger", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("started_at", sa.DateTime, nullable=False, default=_now),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("fingerprint", sa.String(64)),
+    sa.Column("base_version", sa.Integer),
+    sa.Column("counts", sa.Text),
+    sa.Column("report", sa.Text),
+    sa.Column("source_run_id", sa.String(64)),
+)
+# Held plans and change ledgers, one Parquet blob per entity: stored in the same database and
+# written in the same transaction as the changes they describe.
+run_payloads = sa.Table(
+    "run_payloads",
+    metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), primary_key=True),  # plan | ledger
+    sa.Column("entity", sa.String(32), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+import_requests = sa.Table(
+    "import_requests",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("district_id", sa.String(128), nullable=False, index=True),
+    sa.Column("requested_by", sa.String(255), nullable=False),
+    sa.Column("requested_at", sa.DateTime, nullable=False, default=_now),
+    sa.Column("state", sa.String(16), nullable=False),  # pending | taken | refused
+    sa.Column("detail", sa.Text),
+    sa.Column("taken_at", sa.DateTime),
+    sa.Column("dagster_run_id", sa.String(64)),
+)
+duplicate_decisions = sa.Table(
+    "duplicate_decisions",
+    metadata,
+    sa.Column("district_id", sa.String(128), primary_key=True),
+    sa.Column("sourced_id", sa.String(255), primary_key=True),
+    sa.Column("decision", sa.String(16), nullable=False),  # separate
+    sa.Column("decided_at", sa.DateTime, nullable=False, default=_now),
+)
+schema_info = sa.Table(
+    "schema_info",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+ROSTER_TABLES: dict[str, sa.Table] = {
+    "locations": locations,
+    "users": users,
+    "classes": classes,
+    "enrollments": enrollments,
+}
+# Roster frame column -> store column.
+COLUMN_NAMES: dict[str, dict[str, str]] = {
+    "locations": {"name": "name", "type": "type"},
+    "users": {
+        "enabled": "enabled",
+        "role": "role",
+        "username": "username",
+        "givenName": "given_name",
+        "familyName": "family_name",
+        "email": "email",
+        "identifier": "identifier",
+        "grades": "grades",
+        "locations": "locations",
+    },
+    "classes": {"title": "title", "location": "location"},
+    "enrollments": {"class": "class_sourced_id", "user": "user_sourced_id", "role": "role"},
+}
+
+
+class StalePlanError(Exception):
+    """The roster changed after the plan was computed; nothing was applied."""
+
+
+class UnknownDistrictError(Exception):
+    pass
+
+
+def create_store_engine(url: str) -> Engine:
+    """Engine with the settings the sync relies on; creates the SQLite folder when needed."""
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 120}
+    engine = sa.create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=120000")
+            cursor.close()
+
+    return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Create the schema (idempotent) and record its version."""
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        current = conn.execute(sa.select(schema_info.c.version)).scalar()
+        if current is None:
+            conn.execute(schema_info.insert().values(id=1, version=SCHEMA_VERSION))
+
+
+# ---------------------------------------------------------------------------------------------
+# Districts
+
+
+@dataclass(frozen=True)
+class District:
+    id: str
+    name: str
+    source_url: str
+    sftp_key_path: str | None
+    known_hosts_path: str | None
+    password_env: str | None
+    higher_ed: bool
+    active: bool
+    paused: bool
+    paused_until: datetime | None
+    pause_reason: str | None
+    adds_only: bool
+    thresholds: dict[str, Any]
+    state: str
+    state_detail: str | None
+    roster_version: int
+
+
+def _district_from_row(row: Any) -> District:
+    values = dict(row._mapping)
+    values["thresholds"] = json.loads(values.get("thresholds") or "{}")
+    for drop in ("created_at", "updated_at"):
+        values.pop(drop, None)
+    return District(**values)
+
+
+def upsert_district(conn: Connection, district_id: str, **values: Any) -> None:
+    if "thresholds" in values and not isinstance(values["thresholds"], str):
+        values["thresholds"] = json.dumps(values["thresholds"], sort_keys=True)
+    exists = conn.execute(sa.select(districts.c.id).where(districts.c.id == district_id)).first()
+    if exists:
+        conn.execute(districts.update().where(districts.c.id == district_id).values(**values))
+    else:
+        values.setdefault("name", district_id)
+        conn.execute(districts.insert().values(id=district_id, **values))
+
+
+def get_district(conn: Connection, district_id: str) -> District:
+    row = conn.execute(sa.select(districts).where(districts.c.id == district_id)).first()
+    if row is None:
+        raise UnknownDistrictError(f"district {district_id!r} is not registered")
+    return _district_from_row(row)
+
+
+def list_districts(conn: Connection, *, include_removed: bool = False) -> list[District]:
+    query = sa.select(districts).order_by(districts.c.id)
+    if not include_removed:
+        query = query.where(districts.c.active.is_(True))
+    return [_district_from_row(row) for row in conn.execute(query)]
+
+
+def set_district_state(conn: Connection, district_id: str, state: str, detail: str | None) -> None:
+    conn.execute(
+        districts.update()
+        .where(districts.c.id == district_id)
+        .values(state=state, state_detail=detail)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the roster
+
+
+@dataclass
+class StoreState:
+    """The live roster of one district as frames keyed by sourcedId, plus its version."""
+
+    version: int
+    frames: dict[str, pd.DataFrame]
+
+    def active_count(self, entity: str) -> int:
+        frame = self.frames[entity]
+        return int(frame["status"].eq("active").sum())
+
+
+_STATE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "locations": ("type",),
+    "users": ("id", "username", "email", "identifier", "locations"),
+    "classes": ("location",),
+    "enrollments": ("class_sourced_id", "user_sourced_id"),
+}
+_STATE_RENAMES = {
+    "sourced_id": "sourcedId",
+    "class_sourced_id": "class",
+    "user_sourced_id": "user",
+    "id": "account_id",
+}
+
+
+def load_state(conn: Connection, district_id: str) -> StoreState:
+    """What the diff needs: ids, status and row hash (plus identity fields for users)."""
+    version = conn.execute(
+        sa.select(districts.c.roster_version).where(districts.c.id == district_id)
+    ).scalar()
+    if version is None:
+        raise UnknownDistrictError(f"district {district_id!r} is not registered")
+    frames: dict[str, pd.DataFrame] = {}
+    for entity, table in ROSTER_TABLES.items():
+        names = ("sourced_id", "status", "row_hash", *_STATE_COLUMNS[entity])
+        query = sa.select(*(table.c[name] for name in names)).where(
+            table.c.district_id == district_id
+        )
+        rows = conn.execute(query).all()
+        frame = pd.DataFrame.from_records(rows, columns=list(names))
+        for name in names:
+            if name not in ("row_hash", "id"):
+                frame[name] = frame[name].astype("str")
+        frame["row_hash"] = frame["row_hash"].astype("int64")
+        frames[entity] = frame.rename(columns=_STATE_RENAMES)
+    return StoreState(int(version), frames)
+
+
+def known_org_types(conn: Connection, district_id: str) -> dict[str, str]:
+    rows = conn.execute(
+        sa.select(locations.c.sourced_id, locations.c.type).where(
+            locations.c.district_id == district_id, locations.c.status == "active"
+        )
+    )
+    return {sourced_id: kind for sourced_id, kind in rows}
+
+
+def read_full_rows(
+    conn: Connection, district_id: str, entity: str, sourced_ids: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Full store rows of an entity (all, or only the given sourcedIds), store column names."""
+    table = ROSTER_TABLES[entity]
+    columns = [c for c in table.c if c.name not in ("district_id",)]
+    names = [c.name for c in columns]
+    if sourced_ids is None:
+        rows = conn.execute(sa.select(*columns).where(table.c.district_id == district_id)).all()
+        return pd.DataFrame.from_records(rows, columns=names)
+    wanted = list(dict.fromkeys(sourced_ids))
+    if not wanted:
+        return pd.DataFrame(columns=names)
+    if len(wanted) > 20_000:
+        everything = read_full_rows(conn, district_id, entity)
+        return everything[everything["sourced_id"].isin(wanted)].reset_index(drop=True)
+    collected: list[Any] = []
+    for chunk in _chunks(wanted, 900):
+        collected.extend(
+            conn.execute(
+                sa.select(*columns).where(
+                    table.c.district_id == district_id, table.c.sourced_id.in_(chunk)
+                )
+            ).all()
+        )
+    return pd.DataFrame.from_records(collected, columns=names)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _placeholder(conn: Connection) -> str:
+    return "?" if conn.dialect.paramstyle == "qmark" else "%s"
+
+
+def _rows(frame: pd.DataFrame, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+    return list(zip(*(frame[c].tolist() for c in columns), strict=True)) if len(frame) else []
+
+
+def execute_many(conn: Connection, sql: str, rows: Iterable[tuple[Any, ...]]) -> int:
+    """executemany through the driver, in batches, with the driver's placeholder style."""
+    batch: list[tuple[Any, ...]] = []
+    total = 0
+    statement = sql.replace("?", _placeholder(conn))
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= 50_000:
+            conn.exec_driver_sql(statement, batch)
+            total += len(batch)
+            batch = []
+    if batch:
+        conn.exec_driver_sql(statement, batch)
+        total += len(batch)
+    return total
+
+
+def copy_rows(conn: Connection, table: str, columns: Sequence[str], rows: list[tuple]) -> int:
+    """Bulk insert: COPY on PostgreSQL, batched executemany elsewhere."""
+    if not rows:
+        return 0
+    if conn.dialect.name == "postgresql":
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return len(rows)
+    marks = ", ".join("?" for _ in columns)
+    return execute_many(conn, f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+
+def claim_roster_version(conn: Connection, district_id: str, base_version: int) -> int:
+    """Lock the district row and bump its version, or fail if another apply got there first."""
+    result = conn.execute(
+        districts.update()
+        .where(districts.c.id == district_id, districts.c.roster_version == base_version)
+        .values(roster_version=base_version + 1)
+    )
+    if result.rowcount != 1:
+        current = conn.execute(
+            sa.select(districts.c.roster_version).where(districts.c.id == district_id)
+        ).scalar()
+        raise StalePlanError(
+            f"district {district_id}: the roster changed (version {current}) after this plan was "
+            f"computed against version {base_version}; nothing applied, run the sync again"
+        )
+    return base_version + 1
+
+
+def frame_to_parquet(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def parquet_to_frame(data: bytes) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(data))
+
+
+def save_payload(conn: Connection, run_id: str, kind: str, frames: dict[str, pd.DataFrame]) -> None:
+    conn.execute(
+        run_payloads.delete().where(run_payloads.c.run_id == run_id, run_payloads.c.kind == kind)
+    )
+    for entity, frame in frames.items():
+        conn.execute(
+            run_payloads.insert().values(
+                run_id=run_id, kind=kind, entity=entity, data=frame_to_parquet(frame)
+            )
+        )
+
+
+def load_payload(conn: Connection, run_id: str, kind: str) -> dict[str, pd.DataFrame]:
+    rows = conn.execute(
+        sa.select(run_payloads.c.entity, run_payloads.c.data).where(
+            run_payloads.c.run_id == run_id, run_payloads.c.kind == kind
+        )
+    )
+    return {entity: parquet_to_frame(data) for entity, data in rows}
+
+
+def drop_payload(conn: Connection, run_id: str, kind: str) -> None:
+    conn.execute(
+        run_payloads.delete().where(run_payloads.c.run_id == run_id, run_payloads.c.kind == kind)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sync runs
+
+
+def record_run_start(
+    conn: Connection,
+    run_id: str,
+    district_id: str,
+    *,
+    kind: str,
+    trigger: str,
+    source_run_id: str | None = None,
+) -> None:
+    conn.execute(sync_runs.delete().where(sync_runs.c.run_id == run_id))
+    conn.execute(
+        sync_runs.insert().values(
+            run_id=run_id,
+            district_id=district_id,
+            kind=kind,
+            trigger=trigger,
+            state="running",
+            started_at=_now(),
+            source_run_id=source_run_id,
+        )
+    )
+    set_district_state(conn, district_id, "running", f"run {run_id}")
+
+
+def record_run_end(
+    conn: Connection,
+    run_id: str,
+    *,
+    state: str,
+    reason: str | None = None,
+    counts: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+    fingerprint: str | None = None,
+    base_version: int | None = None,
+) -> None:
+    values: dict[str, Any] = {"state": state, "reason": reason, "finished_at": _now()}
+    if counts is not None:
+        values["counts"] = json.dumps(counts, sort_keys=True)
+    if report is not None:
+        values["report"] = json.dumps(report, sort_keys=True, default=str)
+    if fingerprint is not None:
+        values["fingerprint"] = fingerprint
+    if base_version is not None:
+        values["base_version"] = base_version
+    conn.execute(sync_runs.update().where(sync_runs.c.run_id == run_id).values(**values))
+    district_id = conn.execute(
+        sa.select(sync_runs.c.district_id).where(sync_runs.c.run_id == run_id)
+    ).scalar()
+    if district_id is not None:
+        set_district_state(conn, district_id, state, reason)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    district_id: str
+    kind: str
+    trigger: str
+    state: str
+    reason: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    fingerprint: str | None
+    base_version: int | None
+    counts: dict[str, Any]
+    report: dict[str, Any]
+    source_run_id: str | None
+
+
+def _run_from_row(row: Any) -> RunRecord:
+    values = dict(row._mapping)
+    values["counts"] = json.loads(values["counts"] or "{}")
+    values["report"] = json.loads(values["report"] or "{}")
+    return RunRecord(**values)
+
+
+def get_run(conn: Connection, run_id: str) -> RunRecord | None:
+    row = conn.execute(sa.select(sync_runs).where(sync_runs.c.run_id == run_id)).first()
+    return _run_from_row(row) if row else None
+
+
+def list_runs(
+    conn: Connection, district_id: str, *, states: Sequence[str] | None = None, limit: int = 50
+) -> list[RunRecord]:
+    query = sa.select(sync_runs).where(sync_runs.c.district_id == district_id)
+    if states:
+        query = query.where(sync_runs.c.state.in_(list(states)))
+    query = query.order_by(sync_runs.c.started_at.desc(), sync_runs.c.run_id.desc()).limit(limit)
+    return [_run_from_row(row) for row in conn.execute(query)]
+
+
+def latest_run(conn: Connection, district_id: str, *, states: Sequence[str] | None = None) -> RunRecord | None:
+    runs = list_runs(conn, district_id, states=states, limit=1)
+    return runs[0] if runs else None
+
+
+def now() -> datetime:
+    return _now()

@@ -1,0 +1,103 @@
+"""Dagster resources: thin, configurable wrappers over the pure lib/ modules."""
+
+import functools
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from sqlalchemy.engine import Engine
+
+from capti_pipeline.lib import notify
+from capti_pipeline.lib.store import create_store_engine, migrate
+
+
+@functools.cache
+def store_engine(database_url: str) -> Engine:
+    """One engine per process and URL, with the schema migrated on first use."""
+    engine = create_store_engine(database_url)
+    migrate(engine)
+    return engine
+
+
+class RosterStore(dg.ConfigurableResource):
+    """Capti's roster store (SQLAlchemy URL; SQLite file by default, PostgreSQL in production)."""
+
+    database_url: str
+
+    def engine(self) -> Engine:
+        return store_engine(self.database_url)
+
+
+class DeliveryStorage(dg.ConfigurableResource):
+    """Where landing copies go, and how deliveries are taken from their source."""
+
+    data_dir: str
+    stability_window_ms: int = 2000
+    retry_wait_ms: int = 30000
+    keep_landings: int = 14
+
+    @property
+    def stability_window_s(self) -> float:
+        return self.stability_window_ms / 1000
+
+    @property
+    def retry_wait_s(self) -> float:
+        return self.retry_wait_ms / 1000
+
+    def landing_root(self, district_id: str) -> Path:
+        root = Path(self.data_dir) / "landing" / district_id
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return root
+
+
+class Notifier(dg.ConfigurableResource):
+    """Webhook (Slack-compatible JSON) for failed, refused and held runs; empty URL = off."""
+
+    webhook_url: str = ""
+    ui_base_url: str = ""
+
+    def send(self, district_id: str, state: str, reason: str, run_id: str | None) -> list[str]:
+        if not self.webhook_url:
+            return []
+        note = notify.Notification(
+            district_id=district_id,
+            state=state,
+            reason=reason,
+            run_id=run_id,
+            run_url=notify.build_run_url(self.ui_base_url or None, run_id),
+        )
+        return notify.notify(note, webhook_url=self.webhook_url)
+
+
+class StagingIOManager(dg.ConfigurableIOManager):
+    """Hands assets' outputs to the next step as owner-only pickles, one per asset and district.
+
+    Rosters hold personal data, so files are 0600 in 0700 folders and written atomically.
+    """
+
+    base_dir: str
+
+    def _path(self, context: dg.OutputContext | dg.InputContext) -> Path:
+        asset = "/".join(context.asset_key.path)
+        partition = context.asset_partition_key if context.has_asset_partitions else "_"
+        return Path(self.base_dir) / "staging" / asset / f"{partition}.pkl"
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        path = self._path(context)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                pickle.dump(obj, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            os.chmod(temp, 0o600)
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        with self._path(context).open("rb") as handle:
+            return pickle.load(handle)

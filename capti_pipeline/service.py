@@ -1,0 +1,204 @@
+"""Entry points shared by the CLI, the demo and the tests: register districts, run the Dagster job
+for one district partition against the instance in DAGSTER_HOME, and read results back."""
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from capti_pipeline import config
+from capti_pipeline.defs.assets import DRY_RUN_TAG, TRIGGER_TAG
+from capti_pipeline.defs.partitions import districts_partitions
+from capti_pipeline.lib import report as rp
+from capti_pipeline.lib import store as st
+from capti_pipeline.lib.intake import PermanentSourceError, SourceSpec, parse_source
+from capti_pipeline.lib.run_status import record_dagster_failure
+from capti_pipeline.resources import store_engine
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+EXIT_HELD = 3
+EXIT_CODES = {
+    rp.APPLIED: EXIT_OK,
+    rp.NO_CHANGES: EXIT_OK,
+    rp.DRY_RUN: EXIT_OK,
+    rp.NOT_READY: EXIT_OK,
+    rp.REFUSED: EXIT_REFUSED,
+    rp.HELD: EXIT_HELD,
+    rp.FAILED: EXIT_FAILED,
+}
+_DIAGNOSIS_ASSETS = ("oneroster_delivery", "validated_oneroster_frames", "resolved_roster", "roster_diff")
+
+
+def engine():
+    return store_engine(os.environ["CAPTI_DATABASE_URL"])
+
+
+def ensure_dagster_home() -> Path:
+    """DAGSTER_HOME (default .capti/dagster_home) exists and holds the project's dagster.yaml."""
+    home = config.dagster_home()
+    os.environ["DAGSTER_HOME"] = str(home)
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    source = config.PROJECT_ROOT / "dagster.yaml"
+    if not target.exists() and source.exists():
+        shutil.copyfile(source, target)
+    return home
+
+
+def dagster_instance() -> dg.DagsterInstance:
+    ensure_dagster_home()
+    return dg.DagsterInstance.get()
+
+
+def register_district(
+    district_id: str,
+    source: str,
+    *,
+    name: str | None = None,
+    higher_ed: bool = False,
+    sftp_key: str | None = None,
+    known_hosts: str | None = None,
+    password_env: str | None = None,
+    instance: dg.DagsterInstance | None = None,
+) -> st.District:
+    """Add (or update) a district and its partition; the source URL is checked now."""
+    spec = SourceSpec(
+        url=source, sftp_key_path=sftp_key, known_hosts_path=known_hosts, password_env=password_env
+    )
+    parse_source(spec)
+    if source.startswith("sftp://") and not (sftp_key or password_env):
+        raise PermanentSourceError("an SFTP source needs --sftp-key (or --password-env)")
+    if source.startswith("sftp://") and not known_hosts:
+        raise PermanentSourceError("an SFTP source needs --known-hosts (host keys are verified)")
+    values: dict[str, Any] = {
+        "source_url": source if source.startswith("sftp://") else str(Path(source).resolve()),
+        "higher_ed": higher_ed,
+        "sftp_key_path": str(Path(sftp_key).resolve()) if sftp_key else None,
+        "known_hosts_path": str(Path(known_hosts).resolve()) if known_hosts else None,
+        "password_env": password_env,
+        "active": True,
+    }
+    if name:
+        values["name"] = name
+    with engine().begin() as conn:
+        st.upsert_district(conn, district_id, **values)
+        district = st.get_district(conn, district_id)
+    instance = instance or dagster_instance()
+    if not instance.has_dynamic_partition(districts_partitions.name, district_id):
+        instance.add_dynamic_partitions(districts_partitions.name, [district_id])
+    return district
+
+
+def remove_district(district_id: str, instance: dg.DagsterInstance | None = None) -> None:
+    """Stop syncing a district (its roster is kept) and delete its partition."""
+    with engine().begin() as conn:
+        st.get_district(conn, district_id)
+        st.upsert_district(conn, district_id, active=False)
+    instance = instance or dagster_instance()
+    if instance.has_dynamic_partition(districts_partitions.name, district_id):
+        instance.delete_dynamic_partition(districts_partitions.name, district_id)
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    run_id: str
+    state: str
+    exit_code: int
+    report: dict[str, Any]
+
+
+class RunInProgressError(Exception):
+    pass
+
+
+def _in_progress(instance: dg.DagsterInstance, district_id: str) -> list[str]:
+    runs = instance.get_run_records(
+        filters=dg.RunsFilter(
+            job_name="roster_sync_job",
+            tags={"dagster/partition": district_id},
+            statuses=[
+                dg.DagsterRunStatus.QUEUED,
+                dg.DagsterRunStatus.STARTING,
+                dg.DagsterRunStatus.STARTED,
+            ],
+        )
+    )
+    return [record.dagster_run.run_id for record in runs]
+
+
+def run_district_sync(
+    district_id: str,
+    *,
+    dry_run: bool = False,
+    trigger: str = "cli",
+    instance: dg.DagsterInstance | None = None,
+) -> SyncOutcome:
+    """Run roster_sync_job for one partition now, in this process, recorded in the instance."""
+    from capti_pipeline.definitions import defs  # heavy import, only when a run is asked for
+
+    with engine().connect() as conn:
+        st.get_district(conn, district_id)  # unknown districts fail before Dagster is involved
+    instance = instance or dagster_instance()
+    if not instance.has_dynamic_partition(districts_partitions.name, district_id):
+        instance.add_dynamic_partitions(districts_partitions.name, [district_id])
+    busy = _in_progress(instance, district_id)
+    if busy:
+        raise RunInProgressError(
+            f"district {district_id} already has a run in progress ({', '.join(busy)}); "
+            "one run per district at a time"
+        )
+    job = defs.resolve_job_def("roster_sync_job")
+    tags = {TRIGGER_TAG: trigger}
+    selection = None
+    if dry_run:
+        tags[DRY_RUN_TAG] = "true"
+        selection = [dg.AssetKey(name) for name in _DIAGNOSIS_ASSETS]
+    result = job.execute_in_process(
+        instance=instance,
+        partition_key=district_id,
+        tags=tags,
+        raise_on_error=False,
+        asset_selection=selection,
+        run_id=str(uuid.uuid4()),
+        run_config={"loggers": {"console": {"config": {"log_level": _console_log_level()}}}},
+    )
+    return outcome_of(result.run_id, result.success, _failure_message(result))
+
+
+def _console_log_level() -> str:
+    return os.environ.get("CAPTI_LOG_LEVEL", "WARNING").upper()
+
+
+def _failure_message(result: dg.ExecuteInProcessResult) -> str:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            return event.step_failure_data.error.message.strip().splitlines()[0]
+    return "the Dagster run failed"
+
+
+def outcome_of(run_id: str, success: bool, failure_message: str) -> SyncOutcome:
+    with engine().connect() as conn:
+        run = st.get_run(conn, run_id)
+    if run is None or run.state == "running":
+        record_dagster_failure(engine(), run_id, failure_message)
+        with engine().connect() as conn:
+            run = st.get_run(conn, run_id)
+    if run is None:
+        report = rp.build_report(
+            district_id="?", run_id=run_id, state=rp.FAILED, issues=[], reason=failure_message
+        )
+        return SyncOutcome(run_id, rp.FAILED, EXIT_FAILED, report)
+    report = run.report or rp.build_report(
+        district_id=run.district_id, run_id=run_id, state=run.state, issues=[], reason=run.reason
+    )
+    return SyncOutcome(run_id, run.state, EXIT_CODES.get(run.state, EXIT_FAILED), report)
+
+
+def new_run_id() -> str:
+    return str(uuid.uuid4())
