@@ -121,6 +121,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
+    service.reconcile_dead_runs()  # a run whose process died must not show as running
     with service.engine().begin() as conn:
         operations.resume_expired_pauses(conn, now)
         if args.district_id:
@@ -129,20 +130,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             districts = st.list_districts(conn)
         rows = [operations.district_status(conn, d, now) for d in districts]
         if args.district_id:
-            requests = conn.execute(
-                st.import_requests.select()
-                .where(st.import_requests.c.district_id == args.district_id)
-                .order_by(st.import_requests.c.id.desc())
-                .limit(5)
-            ).all()
             rows[0]["import_requests"] = [
-                {
-                    "id": r.id,
-                    "requested_by": r.requested_by,
-                    "requested_at": r.requested_at.isoformat(),
-                    "status": operations.request_status(conn, operations.get_request(conn, r.id)),
-                }
-                for r in requests
+                operations.request_view(conn, r)
+                for r in operations.recent_requests(conn, args.district_id, limit=5)
             ]
     if args.json:
         _print_json(rows if not args.district_id else rows[0])
@@ -170,8 +160,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         changed = {e: per for e, per in changed.items() if per}
         print(f"  counts: {json.dumps(changed) if changed else 'no changes'}")
         print(f"  next scheduled run: {nxt_text}")
-        for request in row.get("import_requests", []):
-            print(f"  import-now #{request['id']} by {request['requested_by']} at {request['requested_at']}: {request['status']}")
+        for request in row.get("import_requests") or ([row["last_import_request"]] if row["last_import_request"] else []):
+            detail = f" ({request['detail']})" if request["detail"] else ""
+            print(f"  import-now #{request['id']} by {request['requested_by']} at {request['requested_at']}: {request['status']}{detail}")
     return 0
 
 

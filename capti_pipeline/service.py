@@ -3,6 +3,7 @@ for one district partition against the instance in DAGSTER_HOME, and read result
 
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from capti_pipeline.defs.partitions import districts_partitions
 from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.intake import PermanentSourceError, SourceSpec, parse_source
-from capti_pipeline.lib.run_status import record_dagster_failure
+from capti_pipeline.lib.run_status import RecordedFailure, fail_dead_runs, record_dagster_failure
 from capti_pipeline.resources import store_engine
 
 EXIT_OK = 0
@@ -33,6 +34,10 @@ EXIT_CODES = {
     rp.FAILED: EXIT_FAILED,
 }
 _DIAGNOSIS_ASSETS = ("oneroster_delivery", "validated_oneroster_frames", "resolved_roster", "roster_diff")
+# In-process (CLI) runs have no run worker Dagster could health-check: these tags let the next
+# CLI call or `status` see that the process is gone, instead of locking the district forever.
+RUNNER_PID_TAG = "capti/runner_pid"
+RUNNER_HOST_TAG = "capti/runner_host"
 
 
 def engine():
@@ -129,7 +134,53 @@ def _in_progress(instance: dg.DagsterInstance, district_id: str) -> list[str]:
             ],
         )
     )
-    return [record.dagster_run.run_id for record in runs]
+    busy = []
+    for record in runs:
+        if _fail_if_runner_died(instance, record.dagster_run) is None:
+            busy.append(record.dagster_run.run_id)
+    return busy
+
+
+def _runner_is_gone(run: dg.DagsterRun) -> bool:
+    """True only when we can tell: a CLI run on this host whose process no longer exists."""
+    pid, host = run.tags.get(RUNNER_PID_TAG), run.tags.get(RUNNER_HOST_TAG)
+    if not pid or host != socket.gethostname() or run.status != dg.DagsterRunStatus.STARTED:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
+
+
+def _fail_if_runner_died(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
+    """Mark a STARTED CLI run whose process was killed as failed (Dagster and roster store)."""
+    if not _runner_is_gone(run):
+        return None
+    message = f"the capti-sync process {run.tags[RUNNER_PID_TAG]} running it is gone (killed?)"
+    instance.report_run_failed(run, message)
+    record_dagster_failure(engine(), run.run_id, message, district_id=run.tags.get("dagster/partition"))
+    return message
+
+
+def reconcile_dead_runs(instance: dg.DagsterInstance | None = None) -> list[RecordedFailure]:
+    """Record as failed every roster-store run that says running but whose Dagster run is over
+    (failed, canceled, or a killed CLI process); `capti-sync status` calls this first."""
+    instance = instance or dagster_instance()
+
+    def why_dead(record: st.RunRecord) -> str | None:
+        run = instance.get_run_by_id(record.run_id)
+        if run is None:  # not a run of this instance: nothing to judge by
+            return None
+        if run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+            return f"the Dagster run ended {run.status.value}"
+        if run.status == dg.DagsterRunStatus.SUCCESS:
+            return "the Dagster run ended without recording an outcome"
+        return _fail_if_runner_died(instance, run)
+
+    return fail_dead_runs(engine(), why_dead)
 
 
 def run_district_sync(
@@ -154,7 +205,7 @@ def run_district_sync(
             "one run per district at a time"
         )
     job = defs.resolve_job_def("roster_sync_job")
-    tags = {TRIGGER_TAG: trigger}
+    tags = {TRIGGER_TAG: trigger, RUNNER_PID_TAG: str(os.getpid()), RUNNER_HOST_TAG: socket.gethostname()}
     selection = None
     if dry_run:
         tags[DRY_RUN_TAG] = "true"

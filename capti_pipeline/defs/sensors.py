@@ -1,7 +1,7 @@
 """Sensors: district partitions follow the districts table; Import Now requests become runs;
 failed runs are recorded so the status never says "running" for a dead run."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -14,6 +14,14 @@ from capti_pipeline.lib.run_status import record_dagster_failure
 from capti_pipeline.resources import Notifier, RosterStore
 
 IMPORT_REQUEST_TAG = "capti/import_request"
+PARTITION_TAG = "dagster/partition"
+# sync_runs.trigger is VARCHAR(32): PostgreSQL would reject a longer tag value.
+_TRIGGER_MAX = 32
+# A request taken this long ago without any Dagster run carrying its tag was lost between the
+# sensor's commit and the daemon creating the run (daemon crash): ask for it again. Safe because
+# the run key is the same and Dagster never launches a sensor's run key twice.
+LOST_REQUEST_AFTER = timedelta(minutes=10)
+_DEAD_STATUSES = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
 @dg.sensor(
@@ -42,46 +50,86 @@ def district_discovery_sensor(
     return dg.SensorResult(dynamic_partitions_requests=requests)
 
 
+def import_run_request(request: operations.ImportRequest) -> dg.RunRequest:
+    return dg.RunRequest(
+        partition_key=request.district_id,
+        run_key=request.run_key,
+        tags={
+            TRIGGER_TAG: f"import_now:{request.requested_by}"[:_TRIGGER_MAX],
+            IMPORT_REQUEST_TAG: str(request.id),
+        },
+    )
+
+
+def _link_taken_requests(
+    context: dg.SensorEvaluationContext, roster_store: RosterStore, now: datetime
+) -> list[dg.RunRequest]:
+    """Give taken requests their Dagster run id (the asset does it too, but only once the run
+    starts), record runs that died before their first step, and re-ask lost requests."""
+    engine = roster_store.engine()
+    dead: list[tuple[operations.ImportRequest, dg.DagsterRun]] = []
+    again: list[dg.RunRequest] = []
+    with engine.begin() as conn:
+        for request in operations.unlinked_requests(conn):
+            records = context.instance.get_run_records(
+                dg.RunsFilter(tags={IMPORT_REQUEST_TAG: str(request.id)}), limit=1
+            )
+            if records:
+                run = records[0].dagster_run
+                operations.attach_run_to_import_request(conn, request.id, run.run_id)
+                if run.status in _DEAD_STATUSES:
+                    dead.append((request, run))
+            elif request.taken_at and request.taken_at.replace(tzinfo=UTC) < now - LOST_REQUEST_AFTER:
+                again.append(import_run_request(request))
+    for request, run in dead:  # own transactions: SQLite allows one writer at a time
+        record_dagster_failure(
+            engine,
+            run.run_id,
+            f"the Dagster run ended {run.status.value} before the sync started",
+            district_id=request.district_id,
+        )
+    return again
+
+
 @dg.sensor(
     name="import_now_sensor",
     job=roster_sync_job,
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Turns each pending Import Now request into exactly one run of that district's "
-    "partition (run key = request id) and marks the request taken.",
+    "partition (run key import-now:<request id>) and marks the request taken; requests for "
+    "paused or removed districts are refused with the reason.",
 )
 def import_now_sensor(
     context: dg.SensorEvaluationContext, roster_store: RosterStore
 ) -> dg.SensorResult | dg.SkipReason:
     now = datetime.now(UTC)
-    requests: list[dg.RunRequest] = []
+    requests = _link_taken_requests(context, roster_store, now)
+    known = set(context.instance.get_dynamic_partitions(districts_partitions.name))
+    new_partitions: list[str] = []
+    refused: list[str] = []
     with roster_store.engine().begin() as conn:
-        pending = operations.pending_requests(conn)
-        if not pending:
-            return dg.SkipReason("no pending Import Now request")
         operations.resume_expired_pauses(conn, now)
-        known = set(context.instance.get_dynamic_partitions(districts_partitions.name))
-        new_partitions: list[str] = []
-        for request in pending:
+        for request in operations.pending_requests(conn):
             district = st.get_district(conn, request.district_id)
             if district.paused or not district.active:
-                reason = "paused" if district.paused else "removed"
-                operations.mark_request(conn, request.id, "refused", f"district is {reason}")
+                detail = operations.paused_detail(district) if district.paused else (
+                    "district was removed"
+                )
+                operations.mark_request(conn, request.id, operations.REFUSED, detail)
+                refused.append(f"#{request.id} ({detail})")
                 continue
-            if district.id not in known:
+            if district.id not in known:  # registered moments ago: the partition comes first
                 new_partitions.append(district.id)
                 known.add(district.id)
-            requests.append(
-                dg.RunRequest(
-                    partition_key=district.id,
-                    run_key=f"import-now:{request.id}",
-                    tags={
-                        TRIGGER_TAG: f"import_now:{request.requested_by}",
-                        IMPORT_REQUEST_TAG: str(request.id),
-                    },
-                )
-            )
-            operations.mark_request(conn, request.id, "taken")
+            requests.append(import_run_request(request))
+            operations.mark_request(conn, request.id, operations.TAKEN)
+    if refused:
+        context.log.info(f"Import Now refused: {', '.join(refused)}")
+    if not requests:
+        return dg.SkipReason(
+            "no pending Import Now request" + (f"; refused {len(refused)}" if refused else "")
+        )
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=(
@@ -101,7 +149,18 @@ def sync_run_failure_sensor(
     context: dg.RunFailureSensorContext, roster_store: RosterStore, notifier: Notifier
 ) -> None:
     run = context.dagster_run
-    message = context.failure_event.message if context.failure_event else "run failed"
-    state = record_dagster_failure(roster_store.engine(), run.run_id, message or "run failed")
+    message = (context.failure_event.message if context.failure_event else None) or "run failed"
+    engine = roster_store.engine()
+    request_id = run.tags.get(IMPORT_REQUEST_TAG)
+    if request_id:  # a run that died before its first step never linked itself
+        with engine.begin() as conn:
+            operations.attach_run_to_import_request(conn, request_id, run.run_id)
+    state = record_dagster_failure(
+        engine,
+        run.run_id,
+        message,
+        district_id=run.tags.get(PARTITION_TAG),
+        trigger=run.tags.get(TRIGGER_TAG, "dagster")[:_TRIGGER_MAX],
+    )
     if state is not None and state.notify:
         notifier.send(state.district_id, "failed", state.reason, run.run_id)

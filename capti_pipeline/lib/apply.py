@@ -142,7 +142,7 @@ def _rewrite_memberships(
         zip(
             user_changes["action"],
             user_changes["sourcedId"],
-            user_changes["locations"].fillna(""),
+            user_changes["locations"].astype("object").fillna(""),
             strict=True,
         )
     ):
@@ -187,7 +187,14 @@ def undo_plan(conn: Connection, district_id: str, run_ids: list[str]) -> Plan:
 def _reverse(entity: str, ledger: pd.DataFrame) -> pd.DataFrame:
     names = st.COLUMN_NAMES[entity]
     created = ledger["action"].eq("create")
-    deletes = pd.DataFrame({"action": "delete", "sourcedId": ledger["sourced_id"][created]})
+    deleted_ids = ledger["sourced_id"][created]
+    deletes = pd.DataFrame(
+        {
+            "action": "delete",
+            "sourcedId": deleted_ids.to_numpy(),
+            "row_hash": pd.array([pd.NA] * len(deleted_ids), dtype="Int64"),
+        }
+    )
     before = ledger[~created]
     reverts = pd.DataFrame(
         {
@@ -195,7 +202,7 @@ def _reverse(entity: str, ledger: pd.DataFrame) -> pd.DataFrame:
             "sourcedId": before["sourced_id"],
             **{roster: before[store] for roster, store in names.items()},
             "status": before["status"],
-            "row_hash": before["row_hash"].astype("int64"),
+            "row_hash": before["row_hash"].astype("Int64"),
         }
     )
     if "enabled" in reverts.columns:

@@ -61,8 +61,10 @@ class Plan:
 
 
 def empty_changes(entity: str) -> pd.DataFrame:
-    columns = ["action", "sourcedId", *VALUE_COLUMNS[entity], "row_hash"]
-    return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+    columns = ["action", "sourcedId", *VALUE_COLUMNS[entity]]
+    frame = pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+    frame["row_hash"] = pd.Series(dtype="Int64")
+    return frame
 
 
 def compute_plan(
@@ -157,6 +159,8 @@ def _entity_changes(
     action[changed] = "update"
     upserts = merged[action.notna()].drop(columns=["_status", "_hash"])
     upserts.insert(0, "action", action[action.notna()])
+    # Nullable Int64 keeps 63-bit hashes exact when archive rows (no hash) join the frame.
+    upserts["row_hash"] = upserts["row_hash"].astype("Int64")
 
     active = stored["status"].eq("active")
     gone = stored["sourcedId"].isin(roster.removals[entity])
@@ -164,11 +168,22 @@ def _entity_changes(
         silent = ~stored["sourcedId"].isin(delivered["sourcedId"])
         gone |= silent & in_scope
     gone &= active & ~stored["sourcedId"].isin(roster.protected[entity])
-    archives = pd.DataFrame({"action": "archive", "sourcedId": stored["sourcedId"][gone]})
+    archives = _archive_rows(stored["sourcedId"][gone])
     frames = [f for f in (upserts, archives) if not f.empty]
     if not frames:
         return empty_changes(entity)
-    return pd.concat(frames, ignore_index=True)
+    # Every changes frame has the full column set, whatever mix of actions it holds.
+    return pd.concat(frames, ignore_index=True).reindex(columns=empty_changes(entity).columns)
+
+
+def _archive_rows(sourced_ids: pd.Series) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "action": "archive",
+            "sourcedId": sourced_ids.to_numpy(),
+            "row_hash": pd.array([pd.NA] * len(sourced_ids), dtype="Int64"),
+        }
+    )
 
 
 def _hold_possible_duplicates(
@@ -241,8 +256,9 @@ def _cascade_archives(
     ]
     if ending.empty:
         return
-    extra = pd.DataFrame({"action": "archive", "sourcedId": ending["sourcedId"]})
-    changes["enrollments"] = pd.concat([enrollments, extra], ignore_index=True)
+    extra = _archive_rows(ending["sourcedId"])
+    combined = pd.concat([f for f in (enrollments, extra) if not f.empty], ignore_index=True)
+    changes["enrollments"] = combined.reindex(columns=empty_changes("enrollments").columns)
 
 
 def _membership_changes(user_changes: pd.DataFrame, store: StoreState) -> dict[str, int]:
@@ -259,7 +275,7 @@ def _membership_changes(user_changes: pd.DataFrame, store: StoreState) -> dict[s
     for action, sourced_id, after in zip(
         user_changes["action"],
         user_changes["sourcedId"],
-        user_changes["locations"].fillna(""),
+        user_changes["locations"].astype("object").fillna(""),
         strict=True,
     ):
         old = set(filter(None, before.get(sourced_id, "").split(",")))

@@ -352,9 +352,7 @@ _FAMILY = (
 # Rare nicknames: exercise RFC 4180 quote doubling.
 _NICKNAMES = ('"Bo"', 'Lee "Skip"', 'Ann "Annie"')
 
-_ASCII_FOLD = str.maketrans(
-    {"đ": "d", "Đ": "D", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "ß": "ss"}
-)
+_ASCII_FOLD = str.maketrans({"đ": "d", "Đ": "D", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "ß": "ss"})
 
 
 def _ascii_slug(name: str) -> str:
@@ -1062,7 +1060,9 @@ def _write_csv(fh: BinaryIO, frame: pd.DataFrame, *, bom: bool, eol: str) -> Non
             part = col.slice(start, _CHUNK_ROWS).combine_chunks()
             parts.append(_quote(part) if _needs_quotes(part) else part)
         parts[-1] = pc.binary_join_element_wise(parts[-1], _EMPTY, eol_s)
-        lines = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, pa.scalar(",", _L))
+        lines = (
+            parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, pa.scalar(",", _L))
+        )
         fh.write(_array_bytes(lines))
 
 

@@ -14,6 +14,11 @@ ROSTER_FILES = (
     "userProfiles.csv",
 )
 MANIFEST = "manifest.csv"
+MANIFEST_HEADER = ("propertyName", "value")
+# `manifest.version` is 1.0 in the spec; ClassLink-style manifests write `1`.
+MANIFEST_VERSIONS = ("1", "1.0")
+# `oneroster.version` values and the version Capti reads them as (1.2.1 corrections still say 1.2).
+ONEROSTER_VERSIONS = {"1.1": "1.1", "1.1.0": "1.1", "1.2": "1.2", "1.2.0": "1.2", "1.2.1": "1.2"}
 KNOWN_FILES = {name.lower(): name for name in (*ROSTER_FILES, MANIFEST)}
 
 # Files Capti needs in every delivery (roles.csv as well for 1.2).
@@ -119,6 +124,16 @@ HEADERS: dict[tuple[str, str], tuple[str, ...]] = {
         "userProfileSourcedId",
     ),
 }
+# users.csv columns that only exist in one version: how the header tells 1.1 from 1.2.
+USERS_11_MARKERS = ("orgSourcedIds", "role")
+USERS_12_MARKERS = (
+    "userMasterIdentifier",
+    "preferredGivenName",
+    "preferredMiddleName",
+    "preferredFamilyName",
+    "primaryOrgSourcedId",
+    "pronouns",
+)
 for _name in ("orgs.csv", "academicSessions.csv", "courses.csv", "classes.csv", "enrollments.csv"):
     HEADERS[("1.2", _name)] = HEADERS[("1.1", _name)]
 

@@ -197,20 +197,19 @@ def _resolve_users(
     removals = set(users["sourcedId"][users["status"].eq("tobedeleted")])
     users = users[users["status"].ne("tobedeleted")]
     if delivery.version == "1.2":
-        memberships = _memberships_from_roles(delivery.frames.get("roles"), org_types)
-        role_of, orgs_of = memberships
+        role_of, orgs_of = _memberships_from_roles(delivery.frames.get("roles"), org_types)
         capti_role = users["sourcedId"].map(role_of)
-        org_lists = users["sourcedId"].map(orgs_of)
         no_role = capti_role.isna()
-        _summarise_skipped(
-            "roles.csv",
-            "user(s) without a role Capti imports (student, teacher or an administrator role) skipped",
-            users["sourcedId"][no_role],
-            issues,
+        # In a delta, a user row without roles rows cannot be resolved: it is left as it is.
+        why = (
+            "without a roles.csv row in this delta skipped (their accounts are left as they are)"
+            if delivery.modes.get("roles.csv") == "delta"
+            else "without a role Capti imports (student, teacher or an administrator role) skipped"
         )
+        _summarise_skipped("roles.csv", f"user(s) {why}", users["sourcedId"][no_role], issues)
         users = users[~no_role].copy()
-        users["capti_role"] = capti_role[~no_role]
-        users["schools"] = org_lists[~no_role]
+        users["capti_role"] = capti_role[~no_role].astype("str")
+        users["schools"] = users["sourcedId"].map(orgs_of).fillna("").astype("str")
     else:
         supported = users["role"].isin(("student", "teacher", "administrator"))
         for role in sorted(set(users["role"][~supported])):
@@ -284,31 +283,46 @@ def _org_memberships(org_lists: pd.Series, org_types: dict[str, str]) -> tuple[p
 def _memberships_from_roles(
     roles: pd.DataFrame | None, org_types: dict[str, str]
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """OneRoster 1.2: one Capti role per user from all its roles.csv rows (highest privilege)."""
+    """OneRoster 1.2: one Capti role per user from all its roles.csv rows, and its schools.
+
+    Primary and secondary rows count alike. The highest privilege wins (district_admin >
+    school_admin > teacher > student): an administrator role (districtAdministrator,
+    siteAdministrator, principal, systemAdministrator) held at a district org makes a District
+    Admin, anywhere else a School Admin, exactly as 1.1's `administrator` does by org. A user's
+    schools are the school orgs where it holds a role Capti imports (a guardian row at another
+    school adds nothing).
+    """
     if roles is None or roles.empty:
         return {}, {}
     live = roles[roles["status"].ne("tobedeleted")]
     org_type = live["orgSourcedId"].map(org_types).fillna("")
-    admin = live["role"].isin(fmt.ADMIN_ROLES_12)
+    role = live["role"]
+    admin = role.isin(fmt.ADMIN_ROLES_12)
     capti = pd.Series(pd.NA, index=live.index, dtype="object")
-    capti[live["role"].eq("student")] = "student"
-    capti[live["role"].eq("teacher")] = "teacher"
+    capti[role.eq("student")] = "student"
+    capti[role.eq("teacher")] = "teacher"
     capti[admin] = "school_admin"
     capti[admin & org_type.eq("district")] = "district_admin"
-    rank = capti.map({"student": 1, "teacher": 2, "school_admin": 3, "district_admin": 4})
-    ranked = pd.DataFrame({"user": live["userSourcedId"], "role": capti, "rank": rank}).dropna()
-    best = ranked.sort_values("rank").groupby("user")["role"].last()
+    imported = capti.notna()
+    ranked = pd.DataFrame(
+        {"user": live["userSourcedId"][imported], "role": capti[imported].astype("str")}
+    )
+    ranked["rank"] = ranked["role"].map(_ROLE_RANK)
+    best = ranked.sort_values("rank", kind="stable").groupby("user")["role"].last()
     schools = (
         pd.DataFrame({"user": live["userSourcedId"], "org": live["orgSourcedId"]})[
-            org_type.eq("school")
+            imported & org_type.eq("school")
         ]
         .drop_duplicates()
         .sort_values("org")
         .groupby("user")["org"]
         .agg(",".join)
     )
-    orgs_of = {user: schools.get(user, "") for user in best.index}
-    return best.to_dict(), orgs_of
+    orgs_of = {user: str(schools.get(user, "")) for user in best.index}
+    return {str(k): str(v) for k, v in best.items()}, orgs_of
+
+
+_ROLE_RANK = {"student": 1, "teacher": 2, "school_admin": 3, "district_admin": 4}
 
 
 def _resolve_classes(classes: pd.DataFrame | None) -> tuple[pd.DataFrame, set[str]]:

@@ -1,7 +1,8 @@
 """pandera models, one per OneRoster file, applied to canonicalised all-text frames.
 
 Vocabularies are canonicalised before validation (see `validate.canonicalise`), so the models
-state exactly what Capti accepts. Each check's `error` is the message an operator reads.
+state exactly what Capti accepts. Each check's `error` is the message an operator reads. Models
+are validated lazily so one run reports every failing row of a file at once.
 """
 
 import pandas as pd
@@ -12,10 +13,16 @@ from capti_pipeline.lib import oneroster_format as fmt
 
 # No commas (they separate list items) and no surrounding blanks; opaque otherwise.
 ID_PATTERN = r"^[^,\s](?:[^,]*[^,\s])?$"
+# OneRoster 1.2 lets most vocabularies carry deployment extensions (`ext:...`); 1.1 has none.
+EXT_PREFIX = "ext:"
 
 
-def _expected(values: tuple[str, ...], blank_ok: bool = False) -> str:
-    return f"expected one of: {', '.join(values)}" + (" (or blank)" if blank_ok else "")
+def _expected(values: tuple[str, ...], blank_ok: bool = False, ext: bool = False) -> str:
+    return (
+        f"expected one of: {', '.join(values)}"
+        + (" or an ext: extension" if ext else "")
+        + (" (or blank)" if blank_ok else "")
+    )
 
 
 def _grade_list_ok(series: pd.Series) -> pd.Series:
@@ -29,6 +36,13 @@ def _grade_list_ok(series: pd.Series) -> pd.Series:
     return ok
 
 
+def _in_vocabulary(series: pd.Series, values: tuple[str, ...], ext: bool) -> pd.Series:
+    ok = series.isin(values)
+    if ext:
+        ok |= series.str.startswith(EXT_PREFIX) & series.str.len().gt(len(EXT_PREFIX))
+    return ok
+
+
 def _required(alias: str | None = None) -> object:
     return pa.Field(alias=alias, str_length={"min_value": 1})
 
@@ -37,11 +51,17 @@ class _Base(pa.DataFrameModel):
     sourced_id: Series[str] = pa.Field(alias="sourcedId", unique=True)
     status: Series[str]
 
+    # Subclasses for OneRoster 1.2 accept `ext:` vocabulary extensions (not an annotated field,
+    # so pandera does not treat it as a column).
+    _ext = False
+
     class Config:
         strict = False
         coerce = False
 
-    @pa.check("sourcedId", error="sourcedId must be non-empty, without commas or surrounding spaces")
+    @pa.check(
+        "sourcedId", error="sourcedId must be non-empty, without commas or surrounding spaces"
+    )
     def _sourced_id_shape(cls, s: Series[str]) -> Series[bool]:
         return s.str.match(ID_PATTERN)
 
@@ -56,7 +76,11 @@ class OrgsModel(_Base):
 
     @pa.check("type", error=_expected(fmt.ORG_TYPES))
     def _type_known(cls, s: Series[str]) -> Series[bool]:
-        return s.isin(fmt.ORG_TYPES)
+        return _in_vocabulary(s, fmt.ORG_TYPES, cls._ext)
+
+
+class OrgsV12Model(OrgsModel):
+    _ext = True
 
 
 class _UsersCommon(_Base):
@@ -89,18 +113,22 @@ class UsersV12Model(_UsersCommon):
 
 
 class RolesModel(_Base):
+    """OneRoster 1.2 only: one row per (user, org, role)."""
+
     user_sourced_id: Series[str] = _required("userSourcedId")
     role_type: Series[str] = pa.Field(alias="roleType")
     role: Series[str]
     org_sourced_id: Series[str] = _required("orgSourcedId")
 
+    _ext = True
+
     @pa.check("roleType", error=_expected(fmt.ROLE_TYPES))
     def _role_type_known(cls, s: Series[str]) -> Series[bool]:
         return s.isin(fmt.ROLE_TYPES)
 
-    @pa.check("role", error=_expected(fmt.USER_ROLES_12))
+    @pa.check("role", error=_expected(fmt.USER_ROLES_12, ext=True))
     def _role_known(cls, s: Series[str]) -> Series[bool]:
-        return s.isin(fmt.USER_ROLES_12)
+        return _in_vocabulary(s, fmt.USER_ROLES_12, cls._ext)
 
 
 class ClassesModel(_Base):
@@ -110,7 +138,11 @@ class ClassesModel(_Base):
 
     @pa.check("classType", error=_expected(fmt.CLASS_TYPES))
     def _class_type_known(cls, s: Series[str]) -> Series[bool]:
-        return s.isin(fmt.CLASS_TYPES)
+        return _in_vocabulary(s, fmt.CLASS_TYPES, cls._ext)
+
+
+class ClassesV12Model(ClassesModel):
+    _ext = True
 
 
 class EnrollmentsModel(_Base):
@@ -119,6 +151,7 @@ class EnrollmentsModel(_Base):
     role: Series[str]
     primary: Series[str]
 
+    # Enrollment roles become Capti enrollment roles, so extensions are not accepted here.
     @pa.check("role", error=_expected(fmt.ENROLLMENT_ROLES))
     def _role_known(cls, s: Series[str]) -> Series[bool]:
         return s.isin(fmt.ENROLLMENT_ROLES)
@@ -137,12 +170,12 @@ class CoursesModel(_Base):
 
 
 def model_for(version: str, file: str) -> type[pa.DataFrameModel] | None:
-    if file == "users.csv":
-        return UsersV12Model if version == "1.2" else UsersV11Model
+    v12 = version == "1.2"
     return {
-        "orgs.csv": OrgsModel,
+        "orgs.csv": OrgsV12Model if v12 else OrgsModel,
+        "users.csv": UsersV12Model if v12 else UsersV11Model,
         "roles.csv": RolesModel,
-        "classes.csv": ClassesModel,
+        "classes.csv": ClassesV12Model if v12 else ClassesModel,
         "enrollments.csv": EnrollmentsModel,
         "academicSessions.csv": AcademicSessionsModel,
         "courses.csv": CoursesModel,

@@ -3,20 +3,29 @@
 File-level problems (missing file or column, bad encoding, empty required file, a manifest that
 contradicts the files) refuse the whole delivery. Row-level problems reject only the affected rows;
 their sourcedIds are remembered as *protected* so a rejected row can never turn into an archive.
+
+Every frame is indexed by CSV line number - 2 (the header is line 1), so an issue's line is
+`index + 2` wherever it is raised, even after blank or rejected rows are dropped.
 """
 
+import codecs
 import csv
+import difflib
 import io
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import pyarrow as arrow
+import pyarrow.csv as arrow_csv
 
 from capti_pipeline.lib import oneroster_format as fmt
 from capti_pipeline.lib.issues import ERROR, WARNING, Issue, file_error, file_warning
-from capti_pipeline.lib.schemas import model_for
+from capti_pipeline.lib.schemas import ID_PATTERN, model_for
 
 ENTITY_FILES = {
     "orgs": "orgs.csv",
@@ -28,6 +37,10 @@ ENTITY_FILES = {
     "courses": "courses.csv",
 }
 FILE_ENTITIES = {file: entity for entity, file in ENTITY_FILES.items()}
+MANIFEST = fmt.MANIFEST
+ROLES = "roles.csv"
+# Files whose bulk form must hold rows and which may not be delivered against an `absent` manifest.
+_CORE_FILES = (*fmt.REQUIRED_FILES, ROLES)
 
 # Columns kept after reading; everything else (password, phone, sms, ...) is dropped at once so it
 # is never staged, stored or logged.
@@ -70,6 +83,10 @@ _VOCABULARIES: dict[str, dict[str, tuple[str, ...]]] = {
     "enrollments.csv": {"role": fmt.ENROLLMENT_ROLES, "primary": fmt.BOOLEANS},
 }
 
+# Per file and kind of tolerated oddity, this many rows are listed one by one, then summarised.
+_MAX_ROW_NOTES = 20
+_ID = re.compile(ID_PATTERN)
+
 
 @dataclass
 class KnownRecords:
@@ -101,13 +118,20 @@ class ValidatedDelivery:
         return [i for i in self.issues if i.severity == ERROR and i.line > 0]
 
 
-class _Refused(Exception):
-    pass
+class _RefusedWith(Exception):
+    def __init__(self, issues: list[Issue]):
+        self.issues = issues
+        super().__init__(issues)
 
 
 def _line(index: int) -> int:
-    """CSV line number of a frame row: the header is line 1 and rows keep their read position."""
+    """CSV line number of a frame row (frames are indexed by line - 2)."""
     return int(index) + 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Files and manifest
+# ------------------------------------------------------------------------------------------------
 
 
 def find_files(directory: Path) -> tuple[dict[str, Path], list[Issue]]:
@@ -131,90 +155,142 @@ def find_files(directory: Path) -> tuple[dict[str, Path], list[Issue]]:
     return found, issues
 
 
-class _RefusedWith(Exception):
-    def __init__(self, issues: list[Issue]):
-        self.issues = issues
-        super().__init__(issues)
-
-
 def read_manifest(path: Path) -> tuple[dict[str, str], list[Issue]]:
+    """manifest.csv as {propertyName: value}; names are matched case-insensitively later."""
     issues: list[Issue] = []
-    text = _decode(path)
-    rows = list(csv.reader(io.StringIO(text)))
-    if not rows or [c.strip() for c in rows[0][:2]] != ["propertyName", "value"]:
+    text = _decode(path.read_bytes(), MANIFEST)
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise _RefusedWith([file_error(MANIFEST, f"not a readable CSV file ({exc})")]) from exc
+    header = [c.strip().lower() for c in rows[0][:2]] if rows else []
+    if header != [c.lower() for c in fmt.MANIFEST_HEADER]:
         raise _RefusedWith([file_error(MANIFEST, "header must be 'propertyName,value'")])
     props: dict[str, str] = {}
-    for offset, row in enumerate(rows[1:], start=2):
+    seen: dict[str, tuple[str, int]] = {}
+    errors: list[Issue] = []
+    for number, row in enumerate(rows[1:], start=2):
         if not row or not any(c.strip() for c in row):
             continue
         name = row[0].strip()
         value = row[1].strip() if len(row) > 1 else ""
-        if name in props:
-            issues.append(Issue(WARNING, MANIFEST, offset, "propertyName", "", f"{name} repeated"))
+        key = name.lower()
+        if key in seen:
+            first_value, first_line = seen[key]
+            if first_value.lower() != value.lower():
+                errors.append(
+                    Issue(
+                        ERROR,
+                        MANIFEST,
+                        number,
+                        "value",
+                        "",
+                        f"{name} is given twice with different values ({first_value!r} on line "
+                        f"{first_line}, {value!r} here)",
+                    )
+                )
+            else:
+                issues.append(
+                    Issue(WARNING, MANIFEST, number, "propertyName", "", f"{name} repeated")
+                )
+            continue
+        seen[key] = (value, number)
         props[name] = value
+    if errors:
+        # A manifest line contradicting another is a file-level problem: refuse with line 0 too.
+        raise _RefusedWith([*errors, file_error(MANIFEST, "contradictory properties", "value")])
     return props, issues
 
 
-MANIFEST = fmt.MANIFEST
-
-
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
+def _decode(data: bytes, name: str) -> str:
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise _RefusedWith(
+            [file_error(name, "the file is UTF-16 encoded; it must be saved as UTF-8")]
+        )
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise _RefusedWith(
             [
                 file_error(
-                    path.name,
+                    name,
                     f"not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); "
                     "the file must be saved as UTF-8",
                 )
             ]
         ) from exc
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise _RefusedWith(
+            [
+                file_error(
+                    name,
+                    f"contains NUL bytes (line {line}): not a UTF-8 text file (UTF-16 without a "
+                    "byte order mark?); the file must be saved as UTF-8",
+                )
+            ]
+        )
+    return text
 
 
 def _manifest_modes(
     props: dict[str, str] | None, present: dict[str, Path], issues: list[Issue]
 ) -> tuple[str | None, dict[str, str]]:
-    modes: dict[str, str] = {}
-    version: str | None = None
-    errors: list[Issue] = []
+    """The declared OneRoster version (None when unstated) and a mode per rostering file."""
     if props is None:
         issues.append(
             file_warning(MANIFEST, "no manifest.csv; every delivered file is treated as bulk")
         )
-        return None, {name: "bulk" for name in present}
-    manifest_version = props.get("manifest.version", "")
-    if manifest_version not in ("1", "1.0"):
+        return None, {name: "bulk" if name in present else "absent" for name in fmt.ROSTER_FILES}
+    lower = {name.lower(): value for name, value in props.items()}
+    errors: list[Issue] = []
+    manifest_version = lower.get("manifest.version", "")
+    if manifest_version == "":
+        issues.append(file_warning(MANIFEST, "manifest.version missing; read as 1.0", "value"))
+    elif manifest_version not in fmt.MANIFEST_VERSIONS:
         errors.append(
             file_error(
                 MANIFEST, f"manifest.version must be 1.0 (got {manifest_version!r})", "value"
             )
         )
-    raw_version = props.get("oneroster.version", "")
-    if raw_version in ("1.1",):
-        version = "1.1"
-    elif raw_version in ("1.2", "1.2.1"):
-        version = "1.2"
-    else:
+    raw_version = lower.get("oneroster.version", "")
+    version = fmt.ONEROSTER_VERSIONS.get(raw_version)
+    if raw_version == "":
+        issues.append(
+            file_warning(
+                MANIFEST,
+                "oneroster.version missing; the version is taken from the users.csv header",
+                "value",
+            )
+        )
+    elif version is None:
         errors.append(
             file_error(
                 MANIFEST, f"oneroster.version must be 1.1 or 1.2 (got {raw_version!r})", "value"
             )
         )
+    modes: dict[str, str] = {}
     for file in fmt.ROSTER_FILES:
         key = "file." + file.removesuffix(".csv")
-        value = props.get(key)
+        value = lower.get(key.lower())
+        delivered = file in present
         if value is None or value == "":
-            mode = "bulk" if file in present else "absent"
-            if value == "":
-                issues.append(
-                    file_warning(MANIFEST, f"{key} has no value; taken as {mode}", "value")
+            mode = "bulk" if delivered else "absent"
+            if value == "" or delivered:
+                what = "has no value" if value == "" else "is not listed"
+                issues.append(file_warning(MANIFEST, f"{key} {what}; taken as {mode}", "value"))
+            elif file in fmt.REQUIRED_FILES:
+                errors.append(
+                    file_error(
+                        file,
+                        f"required file is missing (and manifest.csv does not declare {key})",
+                    )
                 )
-        elif value in fmt.MODES:
-            mode = value
+                continue
+        elif value.lower() in fmt.MODES:
+            mode = value.lower()
         else:
             errors.append(
                 file_error(
@@ -222,127 +298,333 @@ def _manifest_modes(
                 )
             )
             continue
-        if mode != "absent" and file not in present:
-            errors.append(file_error(file, f"manifest declares {key}={mode} but the file is missing"))
-        elif mode == "absent" and file in present and file in fmt.REQUIRED_FILES + ("roles.csv",):
+        if mode != "absent" and not delivered:
             errors.append(
-                file_error(file, f"file delivered but the manifest declares {key}=absent")
+                file_error(file, f"manifest declares {key}={mode} but the file is missing")
             )
+        elif mode == "absent" and delivered:
+            if file in _CORE_FILES:
+                errors.append(
+                    file_error(file, f"file delivered but the manifest declares {key}=absent")
+                )
+            else:
+                issues.append(
+                    file_warning(
+                        file, f"file delivered but the manifest declares {key}=absent; ignored"
+                    )
+                )
         modes[file] = mode
     if errors:
         raise _RefusedWith(errors)
     return version, modes
 
 
-def _read_csv(path: Path, canonical: str, issues: list[Issue]) -> pd.DataFrame:
-    text = _decode(path)
+# ------------------------------------------------------------------------------------------------
+# Reading one CSV file
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RawFile:
+    """One file as text cells: `frame` is indexed by line - 2; `rejected` holds rows whose cells
+    could not be aligned with the header (line → {column: cell})."""
+
+    frame: pd.DataFrame
+    rejected: dict[int, dict[str, str]]
+
+
+@dataclass
+class _RowNotes:
+    ragged: list[tuple[int, int, str]] = field(default_factory=list)  # (line, extra cells, id)
+    short: list[tuple[int, int, str]] = field(default_factory=list)  # (line, cells, id)
+    misaligned: list[tuple[int, int, dict[str, str]]] = field(default_factory=list)
+
+
+def _fit_row(
+    cells: list[str], header: list[str], line: int, id_pos: int | None, notes: _RowNotes
+) -> list[str] | None:
+    """Cells aligned with the header: extra EMPTY trailing cells are dropped, missing trailing
+    cells read as empty; extra non-empty cells mean the row cannot be trusted (None)."""
+    width = len(header)
+    if not cells or (len(cells) == 1 and cells[0] == ""):
+        return [""] * width  # blank line, reported as such later
+    sourced = cells[id_pos] if id_pos is not None and id_pos < len(cells) else ""
+    if len(cells) > width:
+        if any(cell.strip() for cell in cells[width:]):
+            notes.misaligned.append((line, len(cells), dict(zip(header, cells, strict=False))))
+            return None
+        notes.ragged.append((line, len(cells) - width, sourced))
+        return cells[:width]
+    if len(cells) < width:
+        # Trailing header cells without a name are ignored anyway: a row may stop before them.
+        if len(cells) < len(_named_prefix(header)):
+            notes.short.append((line, len(cells), sourced))
+        return cells + [""] * (width - len(cells))
+    return cells
+
+
+def _named_prefix(header: list[str]) -> list[str]:
+    end = len(header)
+    while end and not header[end - 1]:
+        end -= 1
+    return header[:end]
+
+
+def _physical_lines(text: str) -> int | None:
+    """Line count as the CSV reader sees it, or None for bare-CR line breaks (slow path)."""
+    carriage = text.count("\r")
+    if carriage and carriage != text.count("\r\n"):
+        return None
+    return text.count("\n") + (0 if text.endswith("\n") else 1)
+
+
+def _read_fast(
+    data: bytes, text: str, header: list[str], id_pos: int | None, notes: _RowNotes
+) -> tuple[pd.DataFrame, dict[int, list[str]]] | None:
+    """pyarrow parse (fast, exact column counts); None when line numbers cannot be trusted,
+    e.g. a quoted value spans lines."""
+    lines = _physical_lines(text)
+    if lines is None:
+        return None
+    names = [f"c{i}" for i in range(len(header))]
+    invalid: list[tuple[int | None, str]] = []
+
+    def on_invalid(row: arrow_csv.InvalidRow) -> str:
+        invalid.append((row.number, row.text))
+        return "skip"
+
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        table = arrow_csv.read_csv(
+            arrow.BufferReader(arrow.py_buffer(memoryview(data)[start:])),
+            # Single-threaded: it reports line numbers of odd rows (and is not slower here).
+            read_options=arrow_csv.ReadOptions(column_names=names, skip_rows=1, use_threads=False),
+            parse_options=arrow_csv.ParseOptions(
+                newlines_in_values=True, ignore_empty_lines=False, invalid_row_handler=on_invalid
+            ),
+            convert_options=arrow_csv.ConvertOptions(
+                column_types=dict.fromkeys(names, arrow.string()),
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except (arrow.ArrowInvalid, arrow.ArrowException):
+        return None
+    if any(number is None for number, _ in invalid) or len(table) + len(invalid) != lines - 1:
+        return None
+    frame = table.to_pandas()
+    frame.columns = header
+    bad_lines = np.array(sorted(number for number, _ in invalid if number is not None), dtype=int)
+    lines_of_rows = np.delete(np.arange(2, lines + 1), bad_lines - 2)
+    frame.index = pd.Index(lines_of_rows - 2)
+    odd: dict[int, list[str]] = {}
+    for number, row_text in invalid:
+        assert number is not None
+        cells = next(csv.reader([row_text]), [])
+        fitted = _fit_row(cells, header, number, id_pos, notes)
+        if fitted is not None:
+            odd[number] = fitted
+    return frame, odd
+
+
+def _read_slow(
+    text: str, canonical: str, header: list[str], id_pos: int | None, notes: _RowNotes
+) -> dict[int, list[str]]:
+    """Python csv parse that tracks the line each record starts on (values spanning lines)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: dict[int, list[str]] = {}
+    try:
+        next(reader)
+        last = reader.line_num
+        for cells in reader:
+            fitted = _fit_row(cells, header, last + 1, id_pos, notes)
+            if fitted is not None:
+                rows[last + 1] = fitted
+            last = reader.line_num
+    except csv.Error as exc:
+        raise _RefusedWith(
+            [
+                file_error(
+                    canonical,
+                    f"line {reader.line_num}: the CSV quoting is broken ({exc}); a quote inside a "
+                    "value must be doubled and every quoted value closed",
+                )
+            ]
+        ) from exc
+    return rows
+
+
+def _read_csv(path: Path, canonical: str, issues: list[Issue]) -> _RawFile:
+    data = path.read_bytes()
+    text = _decode(data, canonical)
     if not text.strip():
         raise _RefusedWith([file_error(canonical, "file is empty (no header row)")])
     if not text.endswith(("\n", "\r")):
         issues.append(file_warning(canonical, "no newline at end of file; accepted"))
-    try:
-        frame = pd.read_csv(
-            io.StringIO(text),
-            dtype=str,
-            keep_default_na=False,
-            skip_blank_lines=False,
-            engine="c",
+    head_reader = csv.reader(io.StringIO(text[: 1 << 16], newline=""))
+    header = [cell.strip() for cell in next(head_reader)]
+    id_pos = next((i for i, c in enumerate(header) if c.lower() == "sourcedid"), None)
+    notes = _RowNotes()
+    fast = _read_fast(data, text, header, id_pos, notes) if head_reader.line_num == 1 else None
+    if fast is not None:
+        frame, odd = fast
+    else:
+        notes = _RowNotes()
+        frame = pd.DataFrame(columns=header, dtype="str")
+        odd = _read_slow(text, canonical, header, id_pos, notes)
+    if odd:
+        extra = pd.DataFrame(
+            list(odd.values()), columns=header, index=[n - 2 for n in odd], dtype="str"
         )
-    except pd.errors.ParserError:
-        frame = _read_ragged(text, canonical, issues)
-    frame = frame.fillna("")
-    frame.columns = [str(c).strip() for c in frame.columns]
-    return frame
+        frame = pd.concat([frame, extra]).sort_index() if len(frame) else extra
+    _note_rows(canonical, header, notes, issues)
+    rejected = {line: cells for line, _, cells in notes.misaligned}
+    return _RawFile(frame.fillna("").astype("str"), rejected)
 
 
-def _read_ragged(text: str, canonical: str, issues: list[Issue]) -> pd.DataFrame:
-    """Slow path for rows with more cells than the header: trailing empty cells are tolerated."""
-    rows = list(csv.reader(io.StringIO(text)))
-    header = rows[0]
-    width = len(header)
-    body: list[list[str]] = []
-    for number, row in enumerate(rows[1:], start=2):
-        if len(row) > width:
-            extra = row[width:]
-            if any(cell.strip() for cell in extra):
-                raise _RefusedWith(
-                    [
-                        file_error(
-                            canonical,
-                            f"line {number} has {len(row)} cells but the header has {width}; "
-                            "the extra cells are not empty",
-                        )
-                    ]
-                )
-            issues.append(
-                Issue(
-                    WARNING,
-                    canonical,
-                    number,
-                    "",
-                    row[0] if row else "",
-                    f"{len(row) - width} extra empty cell(s) at the end of the row; ignored",
-                )
+def _note_rows(canonical: str, header: list[str], notes: _RowNotes, issues: list[Issue]) -> None:
+    width, named = len(header), len(_named_prefix(header))
+    for line, count, cells in notes.misaligned:
+        issues.append(
+            Issue(
+                ERROR,
+                canonical,
+                line,
+                "",
+                _shown_id(_cell(cells, "sourcedId")),
+                f"row has {count} cells but the header has {width} and the extra cells are not "
+                "empty (an unquoted comma in a value?); row rejected",
             )
-            row = row[:width]
-        elif len(row) < width:
-            row = row + [""] * (width - len(row))
-        body.append(row)
-    return pd.DataFrame(body, columns=header, dtype="str")
+        )
+    short = f"row has {{n}} cells but the header has {named}; the missing cells are read as empty"
+    for kind, rows, message in (
+        ("ragged", notes.ragged, "{n} extra empty cell(s) at the end of the row; ignored"),
+        ("short", notes.short, short),
+    ):
+        for line, n, sourced in rows[:_MAX_ROW_NOTES]:
+            issues.append(
+                Issue(WARNING, canonical, line, "", _shown_id(sourced), message.format(n=n))
+            )
+        if len(rows) > _MAX_ROW_NOTES:
+            rest = len(rows) - _MAX_ROW_NOTES
+            what = "with extra empty cells" if kind == "ragged" else "shorter than the header"
+            issues.append(
+                file_warning(canonical, f"{rest} more row(s) {what} (first listed above); accepted")
+            )
+
+
+def _cell(cells: dict[str, str], name: str) -> str:
+    """A cell of a row kept as {header: cell}, matching the header name case-insensitively."""
+    if name in cells:
+        return cells[name]
+    return next((v for k, v in cells.items() if k.lower() == name.lower()), "")
+
+
+def _shown_id(value: str) -> str:
+    """A sourcedId for the report only when it looks like one (a misaligned row may hold a name)."""
+    return value if _ID.match(value or "") and len(value) <= 255 else ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Headers and version
+# ------------------------------------------------------------------------------------------------
 
 
 def _check_header(
     frame: pd.DataFrame, canonical: str, version: str, issues: list[Issue]
 ) -> pd.DataFrame:
-    columns = list(frame.columns)
-    duplicates = sorted({c for c in columns if columns.count(c) > 1 and c})
+    columns = [str(c) for c in frame.columns]
+    named = [c for c in columns if c]
+    duplicates = sorted({c for c in named if [x.lower() for x in named].count(c.lower()) > 1})
     if duplicates:
-        raise _RefusedWith(
-            [file_error(canonical, f"duplicate column(s): {', '.join(duplicates)}")]
-        )
-    unnamed = [c for c in columns if c == "" or c.startswith("Unnamed:")]
-    if unnamed:
-        issues.append(file_warning(canonical, f"{len(unnamed)} column(s) without a header; ignored"))
-        frame = frame.drop(columns=unnamed)
-    expected = fmt.HEADERS[(version, canonical)]
-    missing = [c for c in expected if c not in frame.columns]
-    if missing:
         raise _RefusedWith(
             [
                 file_error(
                     canonical,
-                    f"missing required column(s) for OneRoster {version}: {', '.join(missing)}",
+                    f"duplicate column(s): {', '.join(duplicates)}; a header name may appear once",
+                    ",".join(duplicates),
+                )
+            ]
+        )
+    if len(named) < len(columns):
+        issues.append(
+            file_warning(
+                canonical, f"{len(columns) - len(named)} column(s) without a header name; ignored"
+            )
+        )
+        frame = frame.loc[:, [c != "" for c in columns]]
+    expected = fmt.HEADERS[(version, canonical)]
+    by_lower = {name.lower(): name for name in expected}
+    renames: dict[str, str] = {}
+    for column in frame.columns:
+        spec = by_lower.get(column.lower())
+        if column not in expected and spec is not None and spec not in frame.columns:
+            renames[column] = spec
+    if renames:
+        issues.append(
+            file_warning(
+                canonical,
+                "column name(s) in the wrong case accepted: "
+                + ", ".join(f"{old} as {new}" for old, new in renames.items()),
+                ",".join(renames.values()),
+            )
+        )
+        frame = frame.rename(columns=renames)
+    missing = [c for c in expected if c not in frame.columns]
+    unknown = [c for c in frame.columns if c not in expected and not c.startswith("metadata.")]
+    if missing:
+        hints = []
+        for name in missing:
+            close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.75)
+            hints.append(f"{name} (is '{close[0]}' a misspelling?)" if close else name)
+        raise _RefusedWith(
+            [
+                file_error(
+                    canonical,
+                    f"missing required column(s) for OneRoster {version}: {', '.join(hints)}",
                     ",".join(missing),
                 )
             ]
         )
-    unknown = [c for c in frame.columns if c not in expected and not c.startswith("metadata.")]
     if unknown:
-        issues.append(
-            file_warning(canonical, f"unknown column(s) ignored: {', '.join(unknown)}")
-        )
+        issues.append(file_warning(canonical, f"unknown column(s) ignored: {', '.join(unknown)}"))
     keep = [c for c in KEEP_COLUMNS.get(canonical, expected) if c in frame.columns]
     return frame[keep]
 
 
 def _detect_version(users: pd.DataFrame | None, declared: str | None) -> str:
+    """The users.csv header decides (1.1 has role/orgSourcedIds, 1.2 does not); the manifest must
+    agree."""
     if users is None:
         return declared or "1.1"
-    header_version = "1.1" if {"role", "orgSourcedIds"} <= set(users.columns) else "1.2"
+    columns = {str(c).lower() for c in users.columns}
+    v11 = all(c.lower() in columns for c in fmt.USERS_11_MARKERS)
+    v12 = any(c.lower() in columns for c in fmt.USERS_12_MARKERS)
+    if v11 and not v12:
+        header_version = "1.1"
+    elif v12 and "role" not in columns:
+        header_version = "1.2"
+    else:
+        # Neither (or both) sets of markers: trust the manifest, else the role column.
+        header_version = declared or ("1.1" if "role" in columns else "1.2")
     if declared and declared != header_version:
+        why = "has role and orgSourcedIds" if header_version == "1.1" else "has no role column"
         raise _RefusedWith(
             [
                 file_error(
                     "users.csv",
-                    f"manifest says OneRoster {declared} but the users.csv header is "
-                    f"OneRoster {header_version} ("
-                    + ("has role/orgSourcedIds" if header_version == "1.1" else "no role column")
-                    + ")",
+                    f"manifest.csv says OneRoster {declared} but the users.csv header is OneRoster "
+                    f"{header_version} ({why})",
                     "role",
                 )
             ]
         )
     return header_version
+
+
+# ------------------------------------------------------------------------------------------------
+# Values
+# ------------------------------------------------------------------------------------------------
 
 
 def canonicalise(frame: pd.DataFrame, canonical: str, issues: list[Issue]) -> pd.DataFrame:
@@ -397,6 +679,13 @@ def _schema_failures(
     issues: list[Issue] = []
     bad_rows: set[int] = set()
     ids = frame["sourcedId"] if "sourcedId" in frame.columns else None
+    # A tobedeleted row only needs its sourcedId: it is removed, its other values are not used.
+    # (orgs keep their checks: a removed org's type decides what it removes.)
+    deleting = (
+        set(frame.index[frame["status"].eq("tobedeleted")])
+        if "status" in frame.columns and canonical != "orgs.csv"
+        else set()
+    )
     for case in cases.itertuples(index=False):
         index = case.index
         column = str(case.column) if case.column is not None else ""
@@ -407,12 +696,15 @@ def _schema_failures(
             issues.append(file_error(canonical, f"{column}: {check}", column))
             continue
         index = int(index)
+        if check == "field_uniqueness" and case.failure_case in ("", None):
+            continue  # blank sourcedIds are reported by the shape check
+        if index in deleting and column not in ("sourcedId", "status"):
+            continue
         bad_rows.add(index)
         message = _message_for(check, column, case.failure_case)
-        sourced = str(ids.iloc[index]) if ids is not None else ""
-        if column == "sourcedId" or "," in column:
-            column = column.strip("()").replace("'", "")
+        sourced = str(ids.loc[index]) if ids is not None else ""
         issues.append(Issue(ERROR, canonical, _line(index), column, sourced, message))
+    issues.sort(key=lambda i: (i.line, i.column))
     return issues, bad_rows
 
 
@@ -420,8 +712,6 @@ def _message_for(check: str, column: str, value: object) -> str:
     show = column in fmt.REPORTABLE_VALUE_COLUMNS
     if check == "field_uniqueness":
         return f"duplicate {column} {value!s}; every row with it is rejected"
-    if check == "multiple_fields_uniqueness":
-        return "duplicate enrollment of the same user in the same class with the same role"
     if check.startswith("str_length"):
         return f"required value missing in {column}"
     if show and value not in (None, ""):
@@ -429,41 +719,44 @@ def _message_for(check: str, column: str, value: object) -> str:
     return check
 
 
+# ------------------------------------------------------------------------------------------------
+# References
+# ------------------------------------------------------------------------------------------------
+
+
 def _reject_references(
     frame: pd.DataFrame,
     canonical: str,
     column: str,
-    valid: set[str] | pd.Index,
+    valid: set[str],
     target: str,
     issues: list[Issue],
     *,
     multi: bool = False,
+    deleted: set[str] | None = None,
 ) -> pd.Series:
-    """Mask of rows whose reference(s) in `column` point at nothing we know."""
+    """Mask of rows whose reference(s) in `column` point at nothing we know (or at a record this
+    delivery deletes)."""
     values = frame[column]
+    pool = pd.Index(list(valid), dtype="str")
+    deleted = deleted or set()
     if not multi:
-        bad = ~values.isin(valid) & values.ne("")
+        bad = ~values.isin(pool) & values.ne("")
         for index, sourced, ref in zip(
             frame.index[bad], frame["sourcedId"][bad], values[bad], strict=True
         ):
-            issues.append(
-                Issue(
-                    ERROR,
-                    canonical,
-                    _line(index),
-                    column,
-                    sourced,
-                    f"references unknown {target} {ref}",
-                )
+            message = (
+                f"references {target} {ref}, which this delivery marks tobedeleted"
+                if ref in deleted
+                else f"references unknown {target} {ref}"
             )
+            issues.append(Issue(ERROR, canonical, _line(index), column, sourced, message))
         return bad
     single = ~values.str.contains(",", regex=False)
     bad = pd.Series(False, index=frame.index)
-    bad[single] = ~values[single].isin(valid) & values[single].ne("")
-    multi_rows = values[~single]
-    for index, value in multi_rows.items():
-        unknown = [item.strip() for item in value.split(",") if item.strip() not in valid]
-        if unknown:
+    bad[single] = ~values[single].isin(pool) & values[single].ne("")
+    for index, value in values[~single].items():
+        if any(item.strip() not in valid for item in value.split(",")):
             bad[index] = True
     for index in frame.index[bad]:
         value = values[index]
@@ -475,10 +768,15 @@ def _reject_references(
                 _line(index),
                 column,
                 frame.at[index, "sourcedId"],
-                f"references unknown {target} {', '.join(unknown)}",
+                f"references unknown {target} {', '.join(unknown) or '(empty list item)'}",
             )
         )
     return bad
+
+
+# ------------------------------------------------------------------------------------------------
+# The delivery
+# ------------------------------------------------------------------------------------------------
 
 
 def validate_delivery(directory: Path, known: KnownRecords | None = None) -> ValidatedDelivery:
@@ -504,10 +802,10 @@ def _validate(directory: Path, known: KnownRecords, issues: list[Issue]) -> Vali
     if props is None and missing:
         raise _RefusedWith([file_error(f, "required file is missing") for f in missing])
 
-    raw: dict[str, pd.DataFrame] = {}
+    raw: dict[str, _RawFile] = {}
     refusals: list[Issue] = []
     for file in fmt.ROSTER_FILES:
-        if modes.get(file, "absent") == "absent" or file not in ENTITY_FILES.values():
+        if modes.get(file, "absent") == "absent" or file not in FILE_ENTITIES:
             continue
         try:
             raw[file] = _read_csv(present[file], file, issues)
@@ -515,28 +813,41 @@ def _validate(directory: Path, known: KnownRecords, issues: list[Issue]) -> Vali
             refusals.extend(refused.issues)
     if refusals:
         raise _RefusedWith(refusals)
-    version = _detect_version(raw.get("users.csv"), declared)
+    users_raw = raw.get("users.csv")
+    version = _detect_version(users_raw.frame if users_raw else None, declared)
+    if version == "1.1" and ROLES in raw:
+        issues.append(
+            file_warning(ROLES, "roles.csv belongs to OneRoster 1.2; ignored in a 1.1 delivery")
+        )
+        del raw[ROLES]
+        modes[ROLES] = "absent"
     if version == "1.2" and modes.get("users.csv", "absent") != "absent":
-        if modes.get("roles.csv", "absent") == "absent":
-            raise _RefusedWith(
-                [file_error("roles.csv", "OneRoster 1.2 delivery without roles.csv")]
-            )
+        if modes.get(ROLES, "absent") == "absent":
+            raise _RefusedWith([file_error(ROLES, "OneRoster 1.2 delivery without roles.csv")])
 
     frames: dict[str, pd.DataFrame] = {}
     rows_read: dict[str, int] = {}
-    for file, frame in raw.items():
+    protected: dict[str, set[str]] = {entity: set() for entity in ENTITY_FILES}
+    rejected_rows: dict[str, list[dict[str, str]]] = {entity: [] for entity in ENTITY_FILES}
+    for file, raw_file in raw.items():
         try:
-            frame = _check_header(frame, file, version, issues)
+            frame = _check_header(raw_file.frame, file, version, issues)
         except _RefusedWith as refused:
             refusals.extend(refused.issues)
             continue
         blank = frame.eq("").all(axis=1)
         if blank.any():
-            for index in frame.index[blank]:
+            for index in frame.index[blank][:_MAX_ROW_NOTES]:
                 issues.append(Issue(WARNING, file, _line(index), "", "", "blank line ignored"))
+            if blank.sum() > _MAX_ROW_NOTES:
+                issues.append(
+                    file_warning(
+                        file, f"{int(blank.sum()) - _MAX_ROW_NOTES} more blank line(s) ignored"
+                    )
+                )
             frame = frame[~blank]
-        rows_read[file] = len(frame)
-        if frame.empty and modes[file] == "bulk" and file in fmt.REQUIRED_FILES + ("roles.csv",):
+        rows_read[file] = len(frame) + len(raw_file.rejected)
+        if rows_read[file] == 0 and modes[file] == "bulk" and file in _CORE_FILES:
             refusals.append(
                 file_error(
                     file,
@@ -545,19 +856,21 @@ def _validate(directory: Path, known: KnownRecords, issues: list[Issue]) -> Vali
                 )
             )
             continue
-        if modes[file] == "delta":
-            frame = frame.copy()
+        entity = FILE_ENTITIES[file]
+        for cells in raw_file.rejected.values():
+            row = {name: _cell(cells, name) for name in fmt.HEADERS[(version, file)]}
+            rejected_rows[entity].append(row)
+            if _shown_id(row["sourcedId"]):
+                protected[entity].add(row["sourcedId"])
         frames[file] = canonicalise(frame, file, issues)
     if refusals:
         raise _RefusedWith(refusals)
 
-    protected: dict[str, set[str]] = {entity: set() for entity in ENTITY_FILES}
     clean: dict[str, pd.DataFrame] = {}
     for file, frame in frames.items():
         failures, bad = _schema_failures(frame, file, version)
         if modes[file] == "delta":
-            blank_status = frame["status"].eq("")
-            for index in frame.index[blank_status]:
+            for index in frame.index[frame["status"].eq("")]:
                 failures.append(
                     Issue(
                         ERROR,
@@ -574,10 +887,11 @@ def _validate(directory: Path, known: KnownRecords, issues: list[Issue]) -> Vali
         if bad:
             rejected = frame.loc[sorted(bad)]
             protected[entity].update(s for s in rejected["sourcedId"] if s)
+            rejected_rows[entity].extend(rejected.to_dict("records"))
             frame = frame.drop(index=sorted(bad))
         clean[entity] = frame
 
-    _check_references(clean, modes, known, protected, issues)
+    _check_references(clean, modes, known, protected, rejected_rows, issues)
     return ValidatedDelivery(version, modes, clean, protected, issues, rows_read)
 
 
@@ -597,38 +911,57 @@ def _reference_pool(
     return pool
 
 
+def _deleted_ids(clean: dict[str, pd.DataFrame], entity: str) -> set[str]:
+    frame = clean.get(entity)
+    if frame is None:
+        return set()
+    return set(frame["sourcedId"][frame["status"].eq("tobedeleted")])
+
+
 def _check_references(
     clean: dict[str, pd.DataFrame],
     modes: dict[str, str],
     known: KnownRecords,
     protected: dict[str, set[str]],
+    rejected_rows: dict[str, list[dict[str, str]]],
     issues: list[Issue],
 ) -> None:
     def drop(entity: str, mask: pd.Series) -> None:
         if mask.any():
             frame = clean[entity]
             protected[entity].update(frame["sourcedId"][mask])
+            rejected_rows[entity].extend(frame[mask].to_dict("records"))
             clean[entity] = frame[~mask]
 
     org_ids = _reference_pool(clean, "orgs", modes, known.org_types)
-    # A reference to a row rejected for its own errors is reported as such, not as "unknown".
     if "users" in clean:
         users = clean["users"]
         if "orgSourcedIds" in users.columns:
-            drop("users", _reject_references(users, "users.csv", "orgSourcedIds", org_ids, "org", issues, multi=True))
+            drop(
+                "users",
+                _reject_references(
+                    users, "users.csv", "orgSourcedIds", org_ids, "org", issues, multi=True
+                ),
+            )
     user_ids = _reference_pool(clean, "users", modes, known.users)
     if "roles" in clean:
         roles = clean["roles"]
-        bad = _reject_references(roles, "roles.csv", "userSourcedId", user_ids, "user", issues)
-        bad |= _reject_references(roles, "roles.csv", "orgSourcedId", org_ids, "org", issues)
-        drop("roles", bad)
+        live = roles["status"].ne("tobedeleted")
+        mask = pd.Series(False, index=roles.index)
+        bad = _reject_references(roles[live], ROLES, "userSourcedId", user_ids, "user", issues)
+        bad |= _reject_references(roles[live], ROLES, "orgSourcedId", org_ids, "org", issues)
+        mask[bad.index] = bad
+        drop("roles", mask)
+        _skip_users_with_rejected_roles(clean, protected, rejected_rows, issues)
     if "classes" in clean:
         org_types = dict(known.org_types)
         if "orgs" in clean:
             org_types.update(zip(clean["orgs"]["sourcedId"], clean["orgs"]["type"], strict=True))
         schools = {o for o, t in org_types.items() if t == "school"} & org_ids
         classes = clean["classes"]
-        not_school = classes["schoolSourcedId"].isin(org_ids) & ~classes["schoolSourcedId"].isin(schools)
+        live = classes["status"].ne("tobedeleted")
+        school_ref = classes["schoolSourcedId"]
+        not_school = live & school_ref.isin(list(org_ids)) & ~school_ref.isin(list(schools))
         for index in classes.index[not_school]:
             org = classes.at[index, "schoolSourcedId"]
             issues.append(
@@ -642,7 +975,7 @@ def _check_references(
                 )
             )
         bad = _reject_references(
-            classes[~not_school], "classes.csv", "schoolSourcedId", org_ids, "org", issues
+            classes[live & ~not_school], "classes.csv", "schoolSourcedId", org_ids, "org", issues
         )
         mask = not_school.copy()
         mask[bad.index] = bad
@@ -650,27 +983,74 @@ def _check_references(
     class_ids = _reference_pool(clean, "classes", modes, known.classes)
     if "enrollments" in clean:
         enrollments = clean["enrollments"]
-        rejected_users = protected["users"]
-        rejected_classes = protected["classes"]
-        cascade = enrollments["userSourcedId"].isin(rejected_users) | enrollments[
-            "classSourcedId"
-        ].isin(rejected_classes)
-        for index in enrollments.index[cascade]:
+        user_gone = enrollments["userSourcedId"].isin(list(protected["users"]))
+        class_gone = enrollments["classSourcedId"].isin(list(protected["classes"]))
+        for index in enrollments.index[user_gone | class_gone]:
+            column = "userSourcedId" if user_gone[index] else "classSourcedId"
             issues.append(
                 Issue(
                     WARNING,
                     "enrollments.csv",
                     _line(index),
-                    "userSourcedId",
+                    column,
                     enrollments.at[index, "sourcedId"],
-                    "skipped: its user or class row was rejected; the enrollment is left as it is",
+                    f"skipped: its {'user' if user_gone[index] else 'class'} row was rejected; "
+                    "the enrollment is left as it is",
                 )
             )
-        drop("enrollments", cascade)
+        drop("enrollments", user_gone | class_gone)
         enrollments = clean["enrollments"]
         live = enrollments["status"].ne("tobedeleted")
-        bad = _reject_references(enrollments[live], "enrollments.csv", "classSourcedId", class_ids, "class", issues)
-        bad_user = _reject_references(enrollments[live], "enrollments.csv", "userSourcedId", user_ids, "user", issues)
+        live_rows = enrollments[live]
+        bad = _reject_references(
+            live_rows,
+            "enrollments.csv",
+            "classSourcedId",
+            class_ids,
+            "class",
+            issues,
+            deleted=_deleted_ids(clean, "classes"),
+        )
+        bad_user = _reject_references(
+            live_rows,
+            "enrollments.csv",
+            "userSourcedId",
+            user_ids,
+            "user",
+            issues,
+            deleted=_deleted_ids(clean, "users"),
+        )
         mask = pd.Series(False, index=enrollments.index)
         mask[bad.index] = bad | bad_user
         drop("enrollments", mask)
+
+
+def _skip_users_with_rejected_roles(
+    clean: dict[str, pd.DataFrame],
+    protected: dict[str, set[str]],
+    rejected_rows: dict[str, list[dict[str, str]]],
+    issues: list[Issue],
+) -> None:
+    """OneRoster 1.2: a user's Capti role and schools come from all of its roles.csv rows, so a
+    user with a rejected roles row is left exactly as it is rather than resolved from the rest."""
+    owners = {row.get("userSourcedId", "") for row in rejected_rows["roles"]} - {""}
+    if not owners:
+        return
+    protected["users"].update(owners)
+    users = clean.get("users")
+    if users is None:
+        return
+    affected = users["sourcedId"].isin(list(owners)) & users["status"].ne("tobedeleted")
+    for index in users.index[affected]:
+        issues.append(
+            Issue(
+                WARNING,
+                "users.csv",
+                _line(index),
+                "sourcedId",
+                users.at[index, "sourcedId"],
+                "skipped: one of the user's roles.csv rows was rejected; the account is left as it is",
+            )
+        )
+    rejected_rows["users"].extend(users[affected].to_dict("records"))
+    clean["users"] = users[~affected]
