@@ -59,8 +59,6 @@ class Notification:
     def __post_init__(self) -> None:
         if self.state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {self.state!r}")
-        if not self.district_id:
-            raise ValueError("district_id must not be empty")
         object.__setattr__(self, "reason", _one_line(self.reason, MAX_REASON_CHARS))
 
     @property

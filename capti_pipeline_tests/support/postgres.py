@@ -254,7 +254,10 @@ def start_postgres(bindir: Path) -> PostgresServer:
                 break
         raise RuntimeError(f"pg_ctl start failed:\n{last_error}")
     except BaseException:
-        _remove(base)
+        if (server.data_dir / "postmaster.pid").exists():  # e.g. pg_ctl -w timed out
+            stop_postgres(server)
+        else:
+            _remove(base)
         raise
 
 
