@@ -91,6 +91,8 @@ class PostgresServer:
         return {
             "postgres": {
                 "postgres_db": {
+                    # dagster-postgres needs psycopg2; SQLAlchemy 2.1's default driver is psycopg 3.
+                    "scheme": "postgresql+psycopg2",
                     "username": self.user,
                     "hostname": self.host,
                     "db_name": dbname,
