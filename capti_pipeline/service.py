@@ -175,7 +175,7 @@ def reconcile_dead_runs(instance: dg.DagsterInstance | None = None) -> list[Reco
         if run is None:  # not a run of this instance: nothing to judge by
             return None
         if run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
-            return f"the Dagster run ended {run.status.value}"
+            return f"the Dagster run ended {run.status.value.lower()}"
         if run.status == dg.DagsterRunStatus.SUCCESS:
             return "the Dagster run ended without recording an outcome"
         return _fail_if_runner_died(instance, run)

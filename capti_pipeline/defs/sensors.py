@@ -85,7 +85,7 @@ def _link_taken_requests(
         record_dagster_failure(
             engine,
             run.run_id,
-            f"the Dagster run ended {run.status.value} before the sync started",
+            f"the Dagster run ended {run.status.value.lower()} before the sync started",
             district_id=request.district_id,
         )
     return again
@@ -138,6 +138,17 @@ def import_now_sensor(
     )
 
 
+def _failure_reason(context: dg.RunFailureSensorContext) -> str:
+    """The root cause of the first failed step ("RuntimeError: ..."), else Dagster's summary."""
+    for event in context.get_step_failure_events():
+        error = event.step_failure_data.error if event.step_failure_data else None
+        while error is not None and error.cause is not None:
+            error = error.cause
+        if error is not None and error.message.strip():
+            return f"step {event.step_key}: {error.message.strip().splitlines()[0]}"
+    return (context.failure_event.message if context.failure_event else None) or "run failed"
+
+
 @dg.run_failure_sensor(
     name="sync_run_failure_sensor",
     monitored_jobs=[roster_sync_job],
@@ -149,7 +160,7 @@ def sync_run_failure_sensor(
     context: dg.RunFailureSensorContext, roster_store: RosterStore, notifier: Notifier
 ) -> None:
     run = context.dagster_run
-    message = (context.failure_event.message if context.failure_event else None) or "run failed"
+    message = _failure_reason(context)
     engine = roster_store.engine()
     request_id = run.tags.get(IMPORT_REQUEST_TAG)
     if request_id:  # a run that died before its first step never linked itself

@@ -179,14 +179,11 @@ def read_manifest(path: Path) -> tuple[dict[str, str], list[Issue]]:
             first_value, first_line = seen[key]
             if first_value.lower() != value.lower():
                 errors.append(
-                    Issue(
-                        ERROR,
+                    file_error(
                         MANIFEST,
-                        number,
-                        "value",
-                        "",
                         f"{name} is given twice with different values ({first_value!r} on line "
-                        f"{first_line}, {value!r} here)",
+                        f"{first_line}, {value!r} on line {number})",
+                        "value",
                     )
                 )
             else:
@@ -197,8 +194,7 @@ def read_manifest(path: Path) -> tuple[dict[str, str], list[Issue]]:
         seen[key] = (value, number)
         props[name] = value
     if errors:
-        # A manifest line contradicting another is a file-level problem: refuse with line 0 too.
-        raise _RefusedWith([*errors, file_error(MANIFEST, "contradictory properties", "value")])
+        raise _RefusedWith(errors)
     return props, issues
 
 
@@ -433,6 +429,7 @@ def _read_slow(
     """Python csv parse that tracks the line each record starts on (values spanning lines)."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: dict[int, list[str]] = {}
+    last = 0  # line the previous record ended on: a broken record starts on the next one
     try:
         next(reader)
         last = reader.line_num
@@ -446,7 +443,7 @@ def _read_slow(
             [
                 file_error(
                     canonical,
-                    f"line {reader.line_num}: the CSV quoting is broken ({exc}); a quote inside a "
+                    f"line {last + 1}: the CSV quoting is broken ({exc}); a quote inside a "
                     "value must be doubled and every quoted value closed",
                 )
             ]

@@ -26,6 +26,7 @@ from capti_pipeline_tests.defs.conftest import (
 from capti_pipeline_tests.support.harness import CaptiEnv
 
 Cli = Callable[..., tuple[int, str]]
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def discover(env: CaptiEnv) -> dg.SensorResult | dg.SkipReason:
@@ -45,7 +46,11 @@ def import_now(env: CaptiEnv) -> list[dg.RunRequest]:
 def execute(env: CaptiEnv, request: dg.RunRequest, **kwargs: Any) -> dg.ExecuteInProcessResult:
     """Launch a sensor's RunRequest against the instance, as the daemon would."""
     return defs.resolve_job_def("roster_sync_job").execute_in_process(
-        instance=env.instance, partition_key=request.partition_key, tags=request.tags, **kwargs
+        instance=env.instance,
+        partition_key=request.partition_key,
+        tags=request.tags,
+        run_config=QUIET,
+        **kwargs,
     )
 
 
@@ -201,6 +206,7 @@ def test_import_now_for_a_district_without_partition_adds_it(
     [request] = import_now(env)
     assert env.instance.get_dynamic_partitions("districts") == ["fresh"]
     assert execute(env, request).success
+    assert import_now(env) == []  # the next tick links the request to its run
     assert request_status(env, 1) == "applied"
 
 
@@ -255,11 +261,11 @@ def test_failure_sensor_records_a_run_that_died_while_running(
     def crash(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("worker lost")  # dies outside the assets' own error handling
 
-    monkeypatch.setattr(sync, "plan_sync", crash)
-    result = defs.resolve_job_def("roster_sync_job").execute_in_process(
-        instance=env.instance, partition_key="edfi", raise_on_error=False
-    )
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:  # not monkeypatch.undo(): capti_env's env vars stay
+        patched.setattr(sync, "plan_sync", crash)
+        result = defs.resolve_job_def("roster_sync_job").execute_in_process(
+            instance=env.instance, partition_key="edfi", raise_on_error=False, run_config=QUIET
+        )
     assert not result.success
     with env.engine().connect() as conn:
         assert st.get_run(conn, result.run_id).state == "running"  # type: ignore[union-attr]
