@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.diff import Plan
+from capti_pipeline.lib.failpoints import failpoint
 from capti_pipeline.lib.resolve import ENTITIES, VALUE_COLUMNS
 
 # Restores and updates write every value column, so they share one statement.
@@ -36,6 +37,7 @@ def apply_plan(conn: Connection, plan: Plan, run_id: str) -> AppliedChanges:
         if changes is None or changes.empty:
             continue
         written += _write_entity(conn, plan.district_id, entity, changes, run_id)
+        failpoint(f"apply:after-{entity}")
     written += _rewrite_memberships(conn, plan.district_id, plan.changes.get("users"), ledger)
     st.save_payload(conn, run_id, "ledger", ledger)
     return AppliedChanges(run_id, version, written, plan.counts())
