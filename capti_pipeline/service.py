@@ -4,7 +4,6 @@ for one district partition against the instance in DAGSTER_HOME, and read result
 import os
 import shutil
 import socket
-import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from capti_pipeline.defs.partitions import districts_partitions
-from capti_pipeline.lib import intake
+from capti_pipeline.lib import intake, operations
 from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib import sync
@@ -26,6 +26,7 @@ from capti_pipeline.resources import DeliveryStorage, Notifier, RosterStore
 GROUP = "roster_sync"
 TRIGGER_TAG = "capti/trigger"
 DRY_RUN_TAG = "capti/dry_run"
+IMPORT_REQUEST_TAG = "capti/import_request"
 _OWNERS = ["team:roster-sync"]
 
 
@@ -83,6 +84,9 @@ def oneroster_delivery(
     engine = roster_store.engine()
     with engine.begin() as conn:
         district = st.get_district(conn, district_id)
+        request_id = context.run.tags.get(IMPORT_REQUEST_TAG)
+        if request_id:
+            operations.attach_run_to_import_request(conn, request_id, run_id)
         if context.retry_number == 0:
             st.record_run_start(
                 conn,
@@ -433,6 +437,7 @@ def sync_report(
             "rows_written": applied_roster_changes.rows_written,
             "membership_changes": roster_diff.membership_changes,
             "possible_duplicates": roster_diff.duplicates.to_dict("records"),
+            "skipped_by_adds_only": roster_diff.skipped_by_adds_only,
         },
     )
     _finish(

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from capti_pipeline.defs.assets import TRIGGER_TAG
+from capti_pipeline.defs.assets import IMPORT_REQUEST_TAG, TRIGGER_TAG
 from capti_pipeline.defs.jobs import roster_sync_job
 from capti_pipeline.defs.partitions import districts_partitions
 from capti_pipeline.lib import operations
@@ -13,7 +13,6 @@ from capti_pipeline.lib import store as st
 from capti_pipeline.lib.run_status import record_dagster_failure
 from capti_pipeline.resources import Notifier, RosterStore
 
-IMPORT_REQUEST_TAG = "capti/import_request"
 PARTITION_TAG = "dagster/partition"
 # sync_runs.trigger is VARCHAR(32): PostgreSQL would reject a longer tag value.
 _TRIGGER_MAX = 32
@@ -79,7 +78,9 @@ def _link_taken_requests(
                 operations.attach_run_to_import_request(conn, request.id, run.run_id)
                 if run.status in _DEAD_STATUSES:
                     dead.append((request, run))
-            elif request.taken_at and request.taken_at.replace(tzinfo=UTC) < now - LOST_REQUEST_AFTER:
+            elif (
+                request.taken_at and request.taken_at.replace(tzinfo=UTC) < now - LOST_REQUEST_AFTER
+            ):
                 again.append(import_run_request(request))
     for request, run in dead:  # own transactions: SQLite allows one writer at a time
         record_dagster_failure(
@@ -113,8 +114,10 @@ def import_now_sensor(
         for request in operations.pending_requests(conn):
             district = st.get_district(conn, request.district_id)
             if district.paused or not district.active:
-                detail = operations.paused_detail(district) if district.paused else (
-                    "district was removed"
+                detail = (
+                    operations.paused_detail(district)
+                    if district.paused
+                    else ("district was removed")
                 )
                 operations.mark_request(conn, request.id, operations.REFUSED, detail)
                 refused.append(f"#{request.id} ({detail})")

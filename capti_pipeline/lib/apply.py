@@ -78,9 +78,9 @@ def _write_entity(
         )
         columns = ["district_id", "sourcedId", *value_columns, "status", "row_hash"]
         columns += ["created_run", "updated_run"]
-        rows = st._rows(frame, columns)
         target = ["district_id", "sourced_id", *store_columns, "status", "row_hash"]
-        written += st.copy_rows(conn, table, [*target, "created_run", "updated_run"], rows)
+        frame = frame[columns].set_axis([*target, "created_run", "updated_run"], axis=1)
+        written += st.insert_frame(conn, table, frame.reset_index(drop=True))
 
     full = changes[changes["action"].isin(_FULL_WRITE)]
     if not full.empty:

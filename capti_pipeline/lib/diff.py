@@ -8,8 +8,12 @@ one (same username, email or identifier) are held back as possible duplicates.
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from capti_pipeline.lib.fastops import isin
 from capti_pipeline.lib.issues import WARNING, Issue
 from capti_pipeline.lib.resolve import ENTITIES, VALUE_COLUMNS, ResolvedRoster
 from capti_pipeline.lib.store import StoreState
@@ -36,6 +40,8 @@ class Plan:
     )
     membership_changes: dict[str, int] = field(default_factory=lambda: {"added": 0, "ended": 0})
     rows_read: dict[str, int] = field(default_factory=dict)
+    # Changes left out because the district is in adds-only mode, per entity.
+    skipped_by_adds_only: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -97,7 +103,7 @@ def _deletion_scope(
     missing = known_locations[
         known_locations["type"].eq("school")
         & known_locations["status"].eq("active")
-        & ~known_locations["sourcedId"].isin(schools)
+        & ~isin(known_locations["sourcedId"], schools)
     ]
     for sourced_id in missing["sourcedId"]:
         issues.append(
@@ -118,18 +124,18 @@ def _deletion_scope(
     user_locations = store_users["locations"]
     single = ~user_locations.str.contains(",", regex=False)
     users_scope = pd.Series(False, index=store_users.index)
-    users_scope[single] = user_locations[single].isin(schools) | (
+    users_scope[single] = isin(user_locations[single], schools) | (
         user_locations[single].eq("") & roster.district_delivered
     )
     for index, value in user_locations[~single].items():
         users_scope[index] = set(value.split(",")) <= schools
 
     store_classes = store.frames["classes"]
-    classes_scope = store_classes["location"].isin(schools)
+    classes_scope = isin(store_classes["location"], schools)
 
     store_enrollments = store.frames["enrollments"]
-    class_location = dict(zip(store_classes["sourcedId"], store_classes["location"], strict=True))
-    enrollment_scope = store_enrollments["class"].map(class_location).isin(schools)
+    # An enrollment is in scope when its (stored) class is at a delivered school.
+    enrollment_scope = isin(store_enrollments["class"], store_classes["sourcedId"][classes_scope])
     return {
         "locations": location_scope,
         "users": users_scope,
@@ -146,34 +152,54 @@ def _entity_changes(
     if mode == "absent":
         return empty_changes(entity)
     delivered = roster.frames[entity]
-    known = stored[["sourcedId", "status", "row_hash"]].rename(
-        columns={"status": "_status", "row_hash": "_hash"}
-    )
-    merged = delivered.merge(known, on="sourcedId", how="left", sort=False)
-    new = merged["_status"].isna()
-    archived = merged["_status"].eq("archived")
-    changed = merged["_status"].eq("active") & merged["_hash"].ne(merged["row_hash"])
-    action = pd.Series(pd.NA, index=merged.index, dtype="object")
+    # Position of each delivered row in the store frame (-1: new), by one hash lookup per row.
+    position = _positions(delivered["sourcedId"], stored["sourcedId"])
+    known = position >= 0
+    stored_status = stored["status"].to_numpy(dtype=object)
+    stored_hash = stored["row_hash"].to_numpy(dtype="int64")
+    at = np.where(known, position, 0)
+    status = np.where(known, stored_status[at] if len(stored) else None, None)
+    new = ~known
+    archived = known & (status == "archived")
+    delivered_hash = delivered["row_hash"].to_numpy(dtype="int64")
+    same_hash = stored_hash[at] == delivered_hash if len(stored) else np.ones(len(at), dtype=bool)
+    changed = known & (status == "active") & ~same_hash
+    action = np.full(len(delivered), None, dtype=object)
     action[new] = "create"
     action[archived] = "restore"
     action[changed] = "update"
-    upserts = merged[action.notna()].drop(columns=["_status", "_hash"])
-    upserts.insert(0, "action", action[action.notna()])
+    acted = new | archived | changed
+    upserts = delivered[acted]
+    upserts.insert(0, "action", pd.Series(action[acted], index=upserts.index, dtype="object"))
     # Nullable Int64 keeps 63-bit hashes exact when archive rows (no hash) join the frame.
     upserts["row_hash"] = upserts["row_hash"].astype("Int64")
 
     active = stored["status"].eq("active")
-    gone = stored["sourcedId"].isin(roster.removals[entity])
+    gone = isin(stored["sourcedId"], roster.removals[entity])
     if mode == "bulk":
-        silent = ~stored["sourcedId"].isin(delivered["sourcedId"])
-        gone |= silent & in_scope
-    gone &= active & ~stored["sourcedId"].isin(roster.protected[entity])
+        seen = np.zeros(len(stored), dtype=bool)
+        seen[position[known]] = True
+        gone |= ~seen & in_scope
+    gone &= active & ~isin(stored["sourcedId"], roster.protected[entity])
     archives = _archive_rows(stored["sourcedId"][gone])
     frames = [f for f in (upserts, archives) if not f.empty]
     if not frames:
         return empty_changes(entity)
     # Every changes frame has the full column set, whatever mix of actions it holds.
     return pd.concat(frames, ignore_index=True).reindex(columns=empty_changes(entity).columns)
+
+
+def _positions(ids: pd.Series, reference: pd.Series) -> np.ndarray:
+    """For each id, its position in `reference` (unique ids), or -1."""
+    if len(ids) == 0 or len(reference) == 0:
+        return np.full(len(ids), -1, dtype=np.int64)
+    found = pc.index_in(_strings(ids), value_set=_strings(reference))
+    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _strings(values: pd.Series) -> pa.Array:
+    arr = pa.array(values.array if values.dtype == "str" else values.astype("str").array)
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
 def _archive_rows(sourced_ids: pd.Series) -> pd.DataFrame:
@@ -194,7 +220,7 @@ def _hold_possible_duplicates(
 ) -> pd.DataFrame:
     """New accounts matching an existing one by username/email/identifier are not created."""
     users = changes["users"]
-    creates = users[users["action"].eq("create") & ~users["sourcedId"].isin(allowed)]
+    creates = users[users["action"].eq("create") & ~isin(users["sourcedId"], allowed)]
     stored = store.frames["users"]
     found: list[pd.DataFrame] = []
     for column in ("username", "email", "identifier"):
@@ -228,10 +254,10 @@ def _hold_possible_duplicates(
             )
         )
     held = set(duplicates["sourcedId"])
-    changes["users"] = users[~(users["action"].eq("create") & users["sourcedId"].isin(held))]
+    changes["users"] = users[~(users["action"].eq("create") & isin(users["sourcedId"], held))]
     enrollments = changes["enrollments"]
     changes["enrollments"] = enrollments[
-        ~(enrollments["action"].eq("create") & enrollments["user"].isin(held))
+        ~(enrollments["action"].eq("create") & isin(enrollments["user"], held))
     ]
     return duplicates
 
@@ -248,11 +274,10 @@ def _cascade_archives(
         return
     enrollments = changes["enrollments"]
     stored = store.frames["enrollments"]
-    touched = set(enrollments["sourcedId"])
     ending = stored[
         stored["status"].eq("active")
-        & (stored["user"].isin(archived_users) | stored["class"].isin(archived_classes))
-        & ~stored["sourcedId"].isin(touched)
+        & (isin(stored["user"], archived_users) | isin(stored["class"], archived_classes))
+        & ~isin(stored["sourcedId"], enrollments["sourcedId"])
     ]
     if ending.empty:
         return
@@ -303,5 +328,6 @@ def filter_adds_only(plan: Plan) -> tuple[Plan, dict[str, int]]:
         plan.duplicates,
         {"added": added, "ended": 0},
         dict(plan.rows_read),
+        skipped,
     )
     return filtered, skipped

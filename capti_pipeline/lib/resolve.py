@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 import pandas as pd
 
 from capti_pipeline.lib import oneroster_format as fmt
+from capti_pipeline.lib.fastops import isin
 from capti_pipeline.lib.issues import WARNING, Issue
 from capti_pipeline.lib.validate import ValidatedDelivery
 
@@ -236,7 +237,7 @@ def _resolve_users(
             "familyName": users["familyName"],
             "email": users["email"],
             "identifier": users["identifier"],
-            "grades": users["grades"].map(_normalise_list_cell),
+            "grades": _normalise_list_column(users["grades"]),
             "locations": users["schools"].astype("str"),
         }
     )
@@ -257,6 +258,15 @@ def _resolve_users(
         delivery.protected.setdefault("users", set()).update(frame["sourcedId"][duplicate_names])
         frame = frame[~duplicate_names]
     return frame.reset_index(drop=True), removals
+
+
+def _normalise_list_column(values: pd.Series) -> pd.Series:
+    """`_normalise_list_cell` of every value; only list cells (with a comma) go through Python."""
+    out = values.str.strip()
+    lists = values.str.contains(",", regex=False)
+    if lists.any():
+        out[lists] = values[lists].map(_normalise_list_cell)
+    return out
 
 
 def _normalise_list_cell(value: str) -> str:
@@ -346,13 +356,13 @@ def _resolve_enrollments(
         return pd.DataFrame(columns=["sourcedId", "class", "user", "role"], dtype="str"), set()
     removals = set(enrollments["sourcedId"][enrollments["status"].eq("tobedeleted")])
     live = enrollments[enrollments["status"].ne("tobedeleted")]
-    rejected_user = live["userSourcedId"].isin(delivery.protected.get("users", set()))
+    rejected_user = isin(live["userSourcedId"], delivery.protected.get("users", set()))
     if rejected_user.any():
         delivery.protected.setdefault("enrollments", set()).update(live["sourcedId"][rejected_user])
         live = live[~rejected_user]
     if delivery.modes.get("users.csv") == "bulk":
         # Users skipped for their role (parents, aides) cannot be enrolled in Capti.
-        skipped_user = ~live["userSourcedId"].isin(users["sourcedId"])
+        skipped_user = ~isin(live["userSourcedId"], users["sourcedId"])
         _summarise_skipped(
             "enrollments.csv",
             "enrollment(s) of users Capti does not import skipped",

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -190,6 +192,9 @@ class UnknownDistrictError(Exception):
     pass
 
 
+_SQLITE_CACHE_KIB = 512 * 1024  # 512 MiB, an upper bound: pages are only allocated when used
+
+
 def create_store_engine(url: str) -> Engine:
     """Engine with the settings the sync relies on; creates the SQLite folder when needed."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -207,6 +212,10 @@ def create_store_engine(url: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=120000")
+            # A district's unique (district_id, sourced_id) index does not fit SQLite's default
+            # 2 MB page cache: bulk inserts and scans of millions of rows thrash it.
+            cursor.execute(f"PRAGMA cache_size=-{_SQLITE_CACHE_KIB}")
+            cursor.execute("PRAGMA temp_store=MEMORY")
             cursor.close()
 
     return engine
@@ -324,19 +333,99 @@ def load_state(conn: Connection, district_id: str) -> StoreState:
     if version is None:
         raise UnknownDistrictError(f"district {district_id!r} is not registered")
     frames: dict[str, pd.DataFrame] = {}
-    for entity, table in ROSTER_TABLES.items():
+    for entity in ROSTER_TABLES:
         names = ("sourced_id", "status", "row_hash", *_STATE_COLUMNS[entity])
-        query = sa.select(*(table.c[name] for name in names)).where(
-            table.c.district_id == district_id
-        )
-        rows = conn.execute(query).all()
-        frame = pd.DataFrame.from_records(rows, columns=list(names))
-        for name in names:
-            if name not in ("row_hash", "id"):
-                frame[name] = frame[name].astype("str")
-        frame["row_hash"] = frame["row_hash"].astype("int64")
+        frame = read_columns(conn, entity, district_id, names)
         frames[entity] = frame.rename(columns=_STATE_RENAMES)
     return StoreState(int(version), frames)
+
+
+def active_ids(conn: Connection, district_id: str, entity: str) -> set[str]:
+    """sourcedIds of the district's active records of one entity."""
+    frame = read_columns(conn, entity, district_id, ("sourced_id", "status"))
+    return set(frame["sourced_id"][frame["status"].eq("active")].tolist())
+
+
+_INTEGER_COLUMNS = ("row_hash", "id")
+_FETCH_ROWS = 250_000
+
+
+def read_columns(
+    conn: Connection, entity: str, district_id: str, names: Sequence[str]
+) -> pd.DataFrame:
+    """Some columns of one district's rows of a roster table, fast: ``str`` (pyarrow) columns,
+    int64 for row_hash and id. Every column read here is NOT NULL.
+
+    Millions of rows go through neither SQLAlchemy rows nor per-value pandas boxing: PostgreSQL
+    streams them as CSV (COPY) into pyarrow's parser; SQLite's cursor tuples become pyarrow arrays
+    chunk by chunk.
+    """
+    table = ROSTER_TABLES[entity]
+    unknown = [name for name in names if name not in table.c]
+    if unknown:  # names are interpolated into SQL below: only the table's own columns
+        raise ValueError(f"{table.name} has no column(s) {unknown}")
+    types = {name: pa.int64() if name in _INTEGER_COLUMNS else pa.large_string() for name in names}
+    columns = ", ".join(names)
+    raw = conn.connection.driver_connection
+    if conn.dialect.name == "postgresql":
+        arrays = _copy_columns(raw, table.name, columns, district_id, types)
+    else:
+        # Not the (district_id, sourced_id) index: one lookup per row in sourcedId order costs
+        # several times a scan of the table in storage order (a store holds few districts).
+        hint = " NOT INDEXED" if conn.dialect.name == "sqlite" else ""
+        sql = f"SELECT {columns} FROM {table.name}{hint} WHERE district_id = {_placeholder(conn)}"
+        arrays = _fetch_columns(raw, sql, (district_id,), types)
+    frame = pa.table(arrays).to_pandas()
+    for name in names:
+        if name not in _INTEGER_COLUMNS:
+            frame[name] = frame[name].astype("str")
+    return frame
+
+
+def _fetch_columns(
+    raw: Any, sql: str, params: tuple[Any, ...], types: dict[str, pa.DataType]
+) -> dict[str, pa.ChunkedArray]:
+    chunks: dict[str, list[pa.Array]] = {name: [] for name in types}
+    cursor = raw.cursor()
+    try:
+        cursor.execute(sql, params)
+        while rows := cursor.fetchmany(_FETCH_ROWS):
+            for (name, type_), values in zip(types.items(), zip(*rows, strict=True), strict=True):
+                chunks[name].append(pa.array(values, type=type_))
+    finally:
+        cursor.close()
+    return {name: pa.chunked_array(chunks[name], type=type_) for name, type_ in types.items()}
+
+
+def _copy_columns(
+    raw: Any, table: str, columns: str, district_id: str, types: dict[str, pa.DataType]
+) -> dict[str, pa.ChunkedArray]:
+    from psycopg import sql as pg_sql
+
+    statement = pg_sql.SQL(
+        "COPY (SELECT {columns} FROM {table} WHERE district_id = {district}) "
+        "TO STDOUT WITH (FORMAT csv)"
+    ).format(
+        columns=pg_sql.SQL(columns),
+        table=pg_sql.Identifier(table),
+        district=pg_sql.Literal(district_id),
+    )
+    buffer = io.BytesIO()
+    with raw.cursor() as cursor, cursor.copy(statement) as copy:
+        for block in copy:
+            buffer.write(block)
+    if buffer.tell() == 0:
+        return {name: pa.chunked_array([], type=type_) for name, type_ in types.items()}
+    buffer.seek(0)
+    table_ = pa_csv.read_csv(
+        buffer,
+        read_options=pa_csv.ReadOptions(column_names=list(types)),
+        parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+        convert_options=pa_csv.ConvertOptions(
+            column_types=types, strings_can_be_null=False, quoted_strings_can_be_null=False
+        ),
+    )
+    return {name: table_[name] for name in types}
 
 
 def known_org_types(conn: Connection, district_id: str) -> dict[str, str]:
@@ -361,9 +450,10 @@ def read_full_rows(
     wanted = list(dict.fromkeys(sourced_ids))
     if not wanted:
         return pd.DataFrame(columns=names)
-    if len(wanted) > 20_000:
+    if len(wanted) > 200_000:
+        # Very many ids (an undo of a big import): one scan beats that many index lookups.
         everything = read_full_rows(conn, district_id, entity)
-        return everything[everything["sourced_id"].isin(wanted)].reset_index(drop=True)
+        return everything[everything["sourced_id"].isin(pd.Index(wanted))].reset_index(drop=True)
     collected: list[Any] = []
     for chunk in _chunks(wanted, 900):
         collected.extend(
@@ -408,6 +498,30 @@ def execute_many(conn: Connection, sql: str, rows: Iterable[tuple[Any, ...]]) ->
         conn.exec_driver_sql(statement, batch)
         total += len(batch)
     return total
+
+
+def insert_frame(conn: Connection, table: str, frame: pd.DataFrame) -> int:
+    """Bulk insert of a frame whose columns are the target columns: on PostgreSQL one COPY of
+    the frame written as CSV by pyarrow (no per-row Python), elsewhere batched executemany."""
+    if frame.empty:
+        return 0
+    if conn.dialect.name != "postgresql":
+        return copy_rows(conn, table, list(frame.columns), _rows(frame, list(frame.columns)))
+    buffer = io.BytesIO()
+    pa_csv.write_csv(
+        pa.Table.from_pandas(frame, preserve_index=False),
+        buffer,
+        # Every string quoted, so an empty string stays '' (unquoted empty is NULL to COPY).
+        pa_csv.WriteOptions(include_header=False, quoting_style="needed"),
+    )
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    statement = f"COPY {table} ({', '.join(frame.columns)}) FROM STDIN WITH (FORMAT csv)"
+    with cursor.copy(statement) as copy:
+        view = buffer.getbuffer()
+        for start in range(0, len(view), 1 << 22):
+            copy.write(view[start : start + (1 << 22)])
+        view.release()
+    return len(frame)
 
 
 def copy_rows(conn: Connection, table: str, columns: Sequence[str], rows: list[tuple]) -> int:

@@ -24,14 +24,11 @@ from capti_pipeline.lib.validate import KnownRecords, ValidatedDelivery, validat
 def validate_landed_delivery(engine: Engine, district_id: str, directory: Path) -> ValidatedDelivery:
     with engine.connect() as conn:
         org_types = st.known_org_types(conn, district_id)
-        state = st.load_state(conn, district_id)
-    known = KnownRecords(
-        org_types=org_types,
-        users=set(state.frames["users"]["sourcedId"][state.frames["users"]["status"].eq("active")]),
-        classes=set(
-            state.frames["classes"]["sourcedId"][state.frames["classes"]["status"].eq("active")]
-        ),
-    )
+        # Only the ids references may point at (not the whole roster state: the enrollments
+        # alone are millions of rows in a big district).
+        users = st.active_ids(conn, district_id, "users")
+        classes = st.active_ids(conn, district_id, "classes")
+    known = KnownRecords(org_types=org_types, users=users, classes=classes)
     return validate_delivery(directory, known)
 
 

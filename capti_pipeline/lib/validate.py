@@ -532,14 +532,35 @@ def _check_header(
 ) -> pd.DataFrame:
     columns = [str(c) for c in frame.columns]
     named = [c for c in columns if c]
-    duplicates = sorted({c for c in named if [x.lower() for x in named].count(c.lower()) > 1})
-    if duplicates:
+    expected = fmt.HEADERS[(version, canonical)]
+    by_lower = {name.lower(): name for name in expected}
+    found = {by_lower[c.lower()] for c in named if c.lower() in by_lower}
+    if len(found) * 2 < len(expected):
+        # Most likely a data row where the header should be: never echo its cells (names).
+        missing = [c for c in expected if c not in found]
         raise _RefusedWith(
             [
                 file_error(
                     canonical,
-                    f"duplicate column(s): {', '.join(duplicates)}; a header name may appear once",
-                    ",".join(duplicates),
+                    f"the first line is not a OneRoster {version} header: {len(missing)} of "
+                    f"{len(expected)} required columns are missing ({', '.join(missing)})",
+                    ",".join(missing),
+                )
+            ]
+        )
+    lowered = [c.lower() for c in named]
+    duplicates = sorted({c for c in named if lowered.count(c.lower()) > 1})
+    if duplicates:
+        # Only header-like names are shown: a stray data cell may hold personal data.
+        shown = [c for c in duplicates if c.lower() in by_lower or c.startswith("metadata.")]
+        others = len(duplicates) - len(shown)
+        listed = ", ".join(shown + ([f"{others} other name(s)"] if others else []))
+        raise _RefusedWith(
+            [
+                file_error(
+                    canonical,
+                    f"duplicate column(s): {listed}; a header name may appear once",
+                    ",".join(shown),
                 )
             ]
         )
@@ -550,8 +571,6 @@ def _check_header(
             )
         )
         frame = frame.loc[:, [c != "" for c in columns]]
-    expected = fmt.HEADERS[(version, canonical)]
-    by_lower = {name.lower(): name for name in expected}
     renames: dict[str, str] = {}
     for column in frame.columns:
         spec = by_lower.get(column.lower())
@@ -950,6 +969,8 @@ def _check_references(
         mask[bad.index] = bad
         drop("roles", mask)
         _skip_users_with_rejected_roles(clean, protected, rejected_rows, issues)
+        if modes.get(ROLES) == "bulk":
+            _reject_users_without_roles(clean, protected, rejected_rows, issues)
     if "classes" in clean:
         org_types = dict(known.org_types)
         if "orgs" in clean:
@@ -1051,3 +1072,36 @@ def _skip_users_with_rejected_roles(
         )
     rejected_rows["users"].extend(users[affected].to_dict("records"))
     clean["users"] = users[~affected]
+
+
+def _reject_users_without_roles(
+    clean: dict[str, pd.DataFrame],
+    protected: dict[str, set[str]],
+    rejected_rows: dict[str, list[dict[str, str]]],
+    issues: list[Issue],
+) -> None:
+    """OneRoster 1.2 bulk: a user with no roles.csv row at all is a broken reference (a role row
+    keyed to a wrong user), not a user who left; it is rejected so it cannot become an archive.
+    (A user whose roles are all ones Capti does not import, e.g. guardian, is skipped later.)"""
+    users = clean.get("users")
+    if users is None:
+        return
+    owners = set(clean["roles"]["userSourcedId"]) | {
+        row.get("userSourcedId", "") for row in rejected_rows["roles"]
+    }
+    orphan = users["status"].ne("tobedeleted") & ~users["sourcedId"].isin(list(owners))
+    for index in users.index[orphan]:
+        issues.append(
+            Issue(
+                ERROR,
+                "users.csv",
+                _line(index),
+                "sourcedId",
+                users.at[index, "sourcedId"],
+                "user has no roles.csv row (every OneRoster 1.2 user needs one); row rejected, "
+                "the account is left as it is",
+            )
+        )
+    protected["users"].update(users["sourcedId"][orphan])
+    rejected_rows["users"].extend(users[orphan].to_dict("records"))
+    clean["users"] = users[~orphan]

@@ -1,7 +1,12 @@
 """Helpers for driving the schedule, sensors and CLI against a real (throwaway) Dagster instance."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +69,73 @@ def status_json(run_cli: Callable[..., tuple[int, str]]) -> Callable[..., Any]:
         return json.loads(out)
 
     return status
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class ProjectHome:
+    """A data dir + DAGSTER_HOME holding the project's own dagster.yaml, for subprocesses
+    (CLI, dagster-daemon, dagster-webserver) that must behave as in a deployment."""
+
+    root: Path
+    env: dict[str, str]
+
+    @property
+    def dagster_home(self) -> Path:
+        return Path(self.env["DAGSTER_HOME"])
+
+    @property
+    def database_url(self) -> str:
+        return self.env["CAPTI_DATABASE_URL"]
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "capti-sync"), *args],
+            env=self.env,
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def popen_cli(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [str(VENV_BIN / "capti-sync"), *args],
+            env=self.env,
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def status(self, district_id: str) -> dict[str, Any]:
+        done = self.cli("status", district_id, "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout)
+
+
+def make_project_home(root: Path) -> ProjectHome:
+    home = root / "dagster_home"
+    home.mkdir(parents=True)
+    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPTI_", "DAGSTER_"))}
+    env.update(
+        DAGSTER_HOME=str(home),
+        CAPTI_DATA_DIR=str(root / "data"),
+        CAPTI_DATABASE_URL=f"sqlite:///{root / 'data' / 'roster.sqlite3'}",
+        CAPTI_STABILITY_WINDOW_MS="0",
+        CAPTI_RETRY_WAIT_MS="0",
+        CAPTI_WEBHOOK_URL="",
+        CAPTI_LOG_LEVEL="ERROR",
+        DAGSTER_DISABLE_TELEMETRY="yes",
+        PYTHONUNBUFFERED="1",
+    )
+    return ProjectHome(root, env)
+
+
+@pytest.fixture
+def project_home(tmp_path: Path) -> ProjectHome:
+    return make_project_home(tmp_path / "deployed")

@@ -63,7 +63,9 @@ def test_pause_until_resume_and_automatic_resume(
     assert status_json("edfi")["next_scheduled_run"] is None
     # A pause whose --until has passed ends by itself (every reader resumes it first).
     with capti_env.engine().begin() as conn:
-        operations.pause(conn, "edfi", date(2020, 1, 2), "old", now=datetime(2020, 1, 1, tzinfo=UTC))
+        operations.pause(
+            conn, "edfi", date(2020, 1, 2), "old", now=datetime(2020, 1, 1, tzinfo=UTC)
+        )
     assert status_json("edfi")["paused"] is False
 
 
@@ -176,7 +178,9 @@ def test_status_lists_every_district_with_state_counts_and_flags(
 
 
 @pytest.mark.parametrize("state", ["failed", "held"])
-def test_status_running_flag_follows_the_store(capti_env: CaptiEnv, status_json: Status, state: str) -> None:
+def test_status_running_flag_follows_the_store(
+    capti_env: CaptiEnv, status_json: Status, state: str
+) -> None:
     capti_env.register("edfi", EDFI)
     with capti_env.engine().begin() as conn:
         st.record_run_start(conn, "r1", "edfi", kind="approve", trigger="cli")  # not a Dagster run

@@ -14,9 +14,8 @@ from capti_pipeline.defs.sensors import (
     import_now_sensor,
     sync_run_failure_sensor,
 )
-from capti_pipeline.lib import operations
+from capti_pipeline.lib import operations, sync
 from capti_pipeline.lib import store as st
-from capti_pipeline.lib import sync
 from capti_pipeline_tests.defs.conftest import (
     EDFI,
     apply_partition_requests,
@@ -149,11 +148,6 @@ def test_import_now_end_to_end(
     assert len(env.snapshot("edfi")["users"]) == 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs `operations.attach_run_to_import_request` called from the oneroster_delivery "
-    "asset (assets.py, see the operations report); remove this marker once it is",
-)
 def test_import_request_is_linked_by_the_run_itself(capti_env: CaptiEnv, run_cli: Cli) -> None:
     """Without a later sensor tick: the run's first asset links the request, so the admin page
     shows running (then the outcome) as soon as the run starts."""
@@ -284,7 +278,9 @@ def test_failure_sensor_records_a_run_that_died_while_running(
         assert st.get_run(conn, result.run_id).reason == run.reason  # type: ignore[union-attr]
 
 
-def test_status_reconciles_a_canceled_run(capti_env: CaptiEnv, status_json: Callable[..., Any]) -> None:
+def test_status_reconciles_a_canceled_run(
+    capti_env: CaptiEnv, status_json: Callable[..., Any]
+) -> None:
     """No daemon (so no failure sensor): `status` itself notices the Dagster run is over."""
     env = capti_env
     env.register("edfi", EDFI)
