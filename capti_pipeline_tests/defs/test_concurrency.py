@@ -14,8 +14,8 @@ from capti_pipeline.lib import store as st
 from capti_pipeline.lib import sync
 from capti_pipeline.lib.generator import DistrictSpec, generate_district, write_delivery
 from capti_pipeline.resources import store_engine
-from capti_pipeline_tests.defs.conftest import PROJECT_ROOT, ProjectHome, make_project_home
-from capti_pipeline_tests.support.harness import snapshot_without_ids
+from capti_pipeline_tests.defs.conftest import PROJECT_ROOT, ProjectHome
+from capti_pipeline_tests.support.harness import CaptiEnv, snapshot_without_ids
 
 STUDENTS = 3000  # big enough that two runs overlap (several seconds each)
 
@@ -46,21 +46,13 @@ def test_project_dagster_yaml_loads_with_one_run_per_district(tmp_path: Path) ->
         assert instance.run_monitoring_max_runtime_seconds > 0  # a hung run ends, eventually
 
 
-def _single_clean_run(root: Path, delivery: Path) -> str:
-    """The reference: the same delivery synced once, alone, in its own store."""
-    home = make_project_home(root)
-    assert home.cli("district", "add", "big", "--source", str(delivery)).returncode == 0
-    done = home.cli("run", "big")
-    assert done.returncode == 0 and ": applied." in done.stdout, done.stdout + done.stderr
-    return snapshot_without_ids(_snapshot(home))
-
-
 def _snapshot(home: ProjectHome) -> dict:
     return sync.snapshot(store_engine(home.database_url), "big")
 
 
+@pytest.mark.slow
 def test_two_concurrent_cli_runs_of_one_district(
-    project_home: ProjectHome, big_delivery: Path, tmp_path: Path
+    project_home: ProjectHome, big_delivery: Path, capti_env: CaptiEnv
 ) -> None:
     home = project_home
     assert home.cli("district", "add", "big", "--source", str(big_delivery)).returncode == 0
@@ -86,9 +78,10 @@ def test_two_concurrent_cli_runs_of_one_district(
         version = st.get_district(conn, "big").roster_version
     assert runs.count("applied") == 1 and "running" not in runs, runs
     assert version == 1  # exactly one apply took the district's version claim
-    assert snapshot_without_ids(_snapshot(home)) == _single_clean_run(
-        tmp_path / "reference", big_delivery
-    )
+    # The reference: the same delivery synced once, alone, in a separate store.
+    capti_env.register("big", big_delivery)
+    assert capti_env.run("big").state == "applied"
+    assert snapshot_without_ids(_snapshot(home)) == snapshot_without_ids(capti_env.snapshot("big"))
 
     # Both were real Dagster runs of the same partition and they did overlap in time.
     with dg.DagsterInstance.from_config(str(home.dagster_home)) as instance:
@@ -98,6 +91,7 @@ def test_two_concurrent_cli_runs_of_one_district(
         assert a_start < b_end and b_start < a_end, "the two runs did not overlap"
 
 
+@pytest.mark.slow
 def test_killed_cli_run_is_failed_and_does_not_lock_the_district(
     project_home: ProjectHome, big_delivery: Path
 ) -> None:

@@ -1,0 +1,64 @@
+"""Failed, refused and held runs notify a webhook with district, reason and a link to the run."""
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from capti_pipeline.lib.generator import DistrictSpec, generate_district, write_delivery
+from capti_pipeline_tests.support.harness import CaptiEnv
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[dict]]]:
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", received
+    server.shutdown()
+
+
+def test_refused_and_held_runs_are_notified(capti_env: CaptiEnv, receiver, monkeypatch, tmp_path: Path):
+    url, received = receiver
+    monkeypatch.setenv("CAPTI_WEBHOOK_URL", url)
+    monkeypatch.setenv("CAPTI_UI_BASE_URL", "http://dagster.example:3000")
+    district = generate_district(DistrictSpec(district_id="hook", students=100))
+    drop = tmp_path / "drop"
+    write_delivery(district, drop)
+    capti_env.register("hook", drop)
+    assert capti_env.run("hook").state == "applied"
+    assert received == []  # successful runs are quiet
+
+    (drop / "users.csv").write_bytes(b"\xff\xfe not utf-8")
+    refused = capti_env.run("hook")
+    assert refused.state == "refused"
+    [message] = received
+    assert message["district"] == "hook" and message["state"] == "refused"
+    assert "users.csv" in message["reason"]
+    assert message["run_url"] == f"http://dagster.example:3000/runs/{refused.run_id}"
+
+    write_delivery(district, drop)
+    lines = (drop / "users.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (drop / "users.csv").write_text("".join(lines[:10]), encoding="utf-8")
+    held = capti_env.run("hook")
+    assert held.state == "held"
+    assert received[-1]["state"] == "held" and received[-1]["run_id"] == held.run_id
+    assert "users archive" in received[-1]["reason"]
+    # No personal data in what leaves the building.
+    names = set(district.frames["users"]["familyName"])
+    assert not any(name in json.dumps(received) for name in names)
