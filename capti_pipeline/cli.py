@@ -97,10 +97,12 @@ def cmd_district_set(args: argparse.Namespace) -> int:
             raise UsageError(f"--thresholds is not valid JSON: {exc}") from exc
     if args.adds_only is not None:
         values["adds_only"] = args.adds_only == "on"
+    if args.watch_uploads is not None:
+        values["watch_uploads"] = args.watch_uploads == "on"
     if args.name is not None:
         values["name"] = args.name
     if not values:
-        raise UsageError("nothing to set (use --thresholds, --adds-only or --name)")
+        raise UsageError("nothing to set (use --thresholds, --adds-only, --watch-uploads or --name)")
     with service.engine().begin() as conn:
         st.get_district(conn, args.district_id)
         st.upsert_district(conn, args.district_id, **values)
@@ -281,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     dset.add_argument("district_id")
     dset.add_argument("--thresholds", help='JSON, e.g. \'{"users": {"archive": {"percent": 5}}}\'')
     dset.add_argument("--adds-only", choices=["on", "off"], help="apply creates only (summer rollover)")
+    dset.add_argument(
+        "--watch-uploads", choices=["on", "off"], help="also sync when a new complete upload arrives"
+    )
     dset.add_argument("--name")
     dset.set_defaults(func=cmd_district_set)
 

@@ -11,6 +11,7 @@ from capti_pipeline.defs.sensors import (
     import_now_sensor,
     sync_run_failure_sensor,
 )
+from capti_pipeline.defs.upload_sensor import delivery_upload_sensor
 from capti_pipeline.resources import DeliveryStorage, Notifier, RosterStore, StagingIOManager
 
 config.apply_defaults()
@@ -35,6 +36,11 @@ defs = dg.Definitions(
     assets=roster_sync_assets,
     jobs=[roster_sync_job],
     schedules=[nightly_roster_sync],
-    sensors=[district_discovery_sensor, import_now_sensor, sync_run_failure_sensor],
+    sensors=[
+        district_discovery_sensor,
+        import_now_sensor,
+        sync_run_failure_sensor,
+        delivery_upload_sensor,
+    ],
     resources=build_resources(),
 )

@@ -43,6 +43,8 @@ districts = sa.Table(
     sa.Column("paused_until", sa.DateTime),
     sa.Column("pause_reason", sa.Text),
     sa.Column("adds_only", sa.Boolean, nullable=False, default=False),
+    # Start a sync as soon as a new, complete upload settles (besides the nightly run).
+    sa.Column("watch_uploads", sa.Boolean, nullable=False, default=False),
     sa.Column("thresholds", sa.Text, nullable=False, default="{}"),
     sa.Column("state", sa.String(32), nullable=False, default="registered"),
     sa.Column("state_detail", sa.Text),
@@ -248,6 +250,7 @@ class District:
     paused_until: datetime | None
     pause_reason: str | None
     adds_only: bool
+    watch_uploads: bool
     thresholds: dict[str, Any]
     state: str
     state_detail: str | None

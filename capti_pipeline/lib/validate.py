@@ -24,6 +24,7 @@ import pyarrow as arrow
 import pyarrow.csv as arrow_csv
 
 from capti_pipeline.lib import oneroster_format as fmt
+from capti_pipeline.lib.fastops import isin
 from capti_pipeline.lib.issues import ERROR, WARNING, Issue, file_error, file_warning
 from capti_pipeline.lib.schemas import ID_PATTERN, model_for
 
@@ -757,7 +758,7 @@ def _reject_references(
     pool = pd.Index(list(valid), dtype="str")
     deleted = deleted or set()
     if not multi:
-        bad = ~values.isin(pool) & values.ne("")
+        bad = ~isin(values, pool) & values.ne("")
         for index, sourced, ref in zip(
             frame.index[bad], frame["sourcedId"][bad], values[bad], strict=True
         ):
@@ -770,7 +771,7 @@ def _reject_references(
         return bad
     single = ~values.str.contains(",", regex=False)
     bad = pd.Series(False, index=frame.index)
-    bad[single] = ~values[single].isin(pool) & values[single].ne("")
+    bad[single] = ~isin(values[single], pool) & values[single].ne("")
     for index, value in values[~single].items():
         if any(item.strip() not in valid for item in value.split(",")):
             bad[index] = True
