@@ -13,7 +13,7 @@ from capti_pipeline_tests.fixtures.deliveries import Delivery, as_delta, baselin
 from capti_pipeline_tests.support.harness import snapshot_without_ids
 
 # Small test districts: one archive is already more than the default 10 % hold.
-PERMISSIVE = {"*": {"archive": {"percent": 100}, "update": {"percent": 100}}}
+PERMISSIVE = {"*": {"archive": {"percent": 100}, "update": {"percent": 100}}, "shrink_percent": 100}
 
 
 def _imported(capti_env, district: str, delivery: Delivery) -> dict:
@@ -23,7 +23,7 @@ def _imported(capti_env, district: str, delivery: Delivery) -> dict:
     with capti_env.engine().begin() as conn:
         st.upsert_district(conn, district, thresholds=PERMISSIVE)
     outcome = capti_env.run(district)
-    assert (outcome.state, outcome.exit_code) == ("applied", 0), outcome.report
+    assert (outcome.state, outcome.exit_code) == ("applied", 0), outcome.report["holds"]
     return capti_env.snapshot(district)
 
 
@@ -65,7 +65,7 @@ def test_sftp_delivery_gives_the_same_snapshot_as_local_files(capti_env, sshd_se
             known_hosts=str(sshd_server.known_hosts_path),
         )
         outcome = capti_env.run(district)
-        assert (outcome.state, outcome.exit_code) == ("applied", 0), outcome.report
+        assert (outcome.state, outcome.exit_code) == ("applied", 0), outcome.report["holds"]
         assert snapshot_without_ids(capti_env.snapshot(district)) == snapshot_without_ids(loose)
 
 
@@ -87,7 +87,7 @@ def test_bulk_archives_missing_records_only_inside_delivered_schools(capti_env):
         nightly.remove_row("enrollments.csv", sid)
     nightly.write(capti_env.delivery_dir("bulk"))
     outcome = capti_env.run("bulk")
-    assert (outcome.state, outcome.exit_code) == ("applied", 0), outcome.report
+    assert (outcome.state, outcome.exit_code) == ("applied", 0), outcome.report["holds"]
     after = capti_env.snapshot("bulk")
     users, enrollments = _by_id(after, "users"), _by_id(after, "enrollments")
     assert users["0071"]["status"] == "archived"
@@ -130,17 +130,21 @@ def test_delta_upserts_active_removes_tobedeleted_and_leaves_the_rest(capti_env)
         userSourcedId="0075",
         role="student",
     )
+    # orgs and classes come as delta files without rows: declaring them absent would make the
+    # completeness rule hold the plan (tested in test_absent_files_are_left_untouched)
     delta = as_delta(
         source,
         {
             "users.csv": lambda r: r["sourcedId"] in {"0072", "0073", "0074", "0075"},
             "enrollments.csv": lambda r: r["sourcedId"] in {"e3", "e10"},
+            "orgs.csv": lambda r: False,
+            "classes.csv": lambda r: False,
         },
     )
-    assert delta.manifest["file.orgs"] == "absent" and delta.manifest["file.users"] == "delta"
+    assert set(delta.manifest[f"file.{f}"] for f in ("orgs", "users", "classes")) == {"delta"}
     delta.write(capti_env.delivery_dir("delta"))
     outcome = capti_env.run("delta")
-    assert (outcome.state, outcome.exit_code) == ("applied", 0), outcome.report
+    assert (outcome.state, outcome.exit_code) == ("applied", 0), outcome.report["holds"]
     assert outcome.report["error_count"] == 0
     assert any("legacy status 'inactive'" in i["message"] for i in outcome.report["issues"])
 
