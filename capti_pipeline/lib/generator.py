@@ -35,6 +35,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from capti_pipeline.lib.oneroster_format import HEADERS
+
 __all__ = [
     "MANIFEST_FILES_11",
     "ONEROSTER_11_HEADERS",
@@ -57,70 +59,13 @@ __all__ = [
 
 _COMMON = ("sourcedId", "status", "dateLastModified")
 
-#: Exact OneRoster 1.1 CSV headers, in mandatory order, for the rostering files we generate.
+#: Exact OneRoster 1.1 CSV headers, in mandatory order, for the rostering files we generate
+#: (the rostering ones are the importer's own definition; demographics is only generated).
 ONEROSTER_11_HEADERS: dict[str, tuple[str, ...]] = {
-    "orgs": (*_COMMON, "name", "type", "identifier", "parentSourcedId"),
-    "academicSessions": (
-        *_COMMON,
-        "title",
-        "type",
-        "startDate",
-        "endDate",
-        "parentSourcedId",
-        "schoolYear",
-    ),
-    "courses": (
-        *_COMMON,
-        "schoolYearSourcedId",
-        "title",
-        "courseCode",
-        "grades",
-        "orgSourcedId",
-        "subjects",
-        "subjectCodes",
-    ),
-    "classes": (
-        *_COMMON,
-        "title",
-        "grades",
-        "courseSourcedId",
-        "classCode",
-        "classType",
-        "location",
-        "schoolSourcedId",
-        "termSourcedIds",
-        "subjects",
-        "subjectCodes",
-        "periods",
-    ),
-    "users": (
-        *_COMMON,
-        "enabledUser",
-        "orgSourcedIds",
-        "role",
-        "username",
-        "userIds",
-        "givenName",
-        "familyName",
-        "middleName",
-        "identifier",
-        "email",
-        "sms",
-        "phone",
-        "agentSourcedIds",
-        "grades",
-        "password",
-    ),
-    "enrollments": (
-        *_COMMON,
-        "classSourcedId",
-        "schoolSourcedId",
-        "userSourcedId",
-        "role",
-        "primary",
-        "beginDate",
-        "endDate",
-    ),
+    **{
+        kind: HEADERS[("1.1", f"{kind}.csv")]
+        for kind in ("orgs", "academicSessions", "courses", "classes", "users", "enrollments")
+    },
     "demographics": (
         *_COMMON,
         "birthDate",
