@@ -236,7 +236,7 @@ def run_district_sync(
 
 
 def _console_log_level() -> str:
-    return os.environ.get("CAPTI_LOG_LEVEL", "WARNING").upper()
+    return os.environ.get("CAPTI_LOG_LEVEL", "CRITICAL").upper()
 
 
 def _failure_message(result: dg.ExecuteInProcessResult) -> str:
