@@ -75,11 +75,15 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 def _child_floor(spec: dict[str, Any]) -> dict[str, Any]:
     import pandas as pd
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     rows = 0
     for path in sorted(Path(spec["source"]).glob("*.csv")):
         rows += len(pd.read_csv(path, dtype=str, keep_default_na=False))
-    return {"seconds": time.perf_counter() - started, "rows": rows}
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu,
+        "rows": rows,
+    }
 
 
 def _child_sync(spec: dict[str, Any]) -> dict[str, Any]:
@@ -93,9 +97,10 @@ def _child_sync(spec: dict[str, Any]) -> dict[str, Any]:
 
     imports = time.perf_counter() - started
     instance = service.dagster_instance()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     outcome = service.run_district_sync(DISTRICT_ID, trigger="bench", instance=instance)
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu
     steps: dict[str, float] = {}
     begun: dict[str, float] = {}
     events = instance.all_logs(
@@ -117,6 +122,7 @@ def _child_sync(spec: dict[str, Any]) -> dict[str, Any]:
     report = outcome.report
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "imports_seconds": imports,
         "state": outcome.state,
         "reason": report.get("reason"),
@@ -296,7 +302,9 @@ def bench_size(
     def floor() -> None:
         result = _spawn({"kind": "floor", "source": str(source)}, env, root)
         out["floor"].append(result)
-        log(f"[{database} {students}] floor {result['seconds']:.2f}s")
+        log(
+            f"[{database} {students}] floor {result['seconds']:.2f}s (CPU {result['cpu_seconds']:.2f}s)"
+        )
 
     def snapshot() -> dict[str, int]:
         return _spawn({"kind": "snapshot", "folder": str(root / "snapshot")}, env, root)["changed"]
@@ -308,7 +316,8 @@ def bench_size(
         result["rows_changed_by_table"] = changed
         out["phases"][phase] = result
         log(
-            f"[{database} {students}] {phase}: {result['seconds']:.2f}s, state {result['state']}, "
+            f"[{database} {students}] {phase}: {result['seconds']:.2f}s (CPU "
+            f"{result['cpu_seconds']:.2f}s), state {result['state']}, "
             f"peak RSS {result['peak_rss_bytes'] / _GIB:.2f} GiB, rows written "
             f"{result['rows_written']}, rows changed {result['rows_changed']}"
         )
@@ -331,8 +340,12 @@ def bench_size(
         sync("change")
     floor()
     out["floor_seconds"] = min(f["seconds"] for f in out["floor"])
+    out["floor_cpu_seconds"] = min(f["cpu_seconds"] for f in out["floor"])
     for result in out["phases"].values():
         result["ratio"] = result["seconds"] / out["floor_seconds"]
+        # CPU seconds of the process (all its threads): steadier than wall time when other jobs
+        # share the machine.
+        result["cpu_ratio"] = result["cpu_seconds"] / out["floor_cpu_seconds"]
     return out
 
 
@@ -392,17 +405,17 @@ def _fmt_ratio(written: int, changed: int) -> str:
 
 def results_table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| database | students | enrollments | phase | wall s | x floor | peak RSS GiB | state "
-        "| rows written | rows changed | written / changed |",
-        "|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|",
+        "| database | students | enrollments | phase | wall s | x floor | CPU s | CPU x floor "
+        "| peak RSS GiB | state | rows written | rows changed | written / changed |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for result in results:
         enrollments = result["rows"].get("enrollments", 0)
         label = f"| {result['database']} | {result['students']:,} | {enrollments:,} "
         floor_rss = min(f["peak_rss_bytes"] for f in result["floor"]) / _GIB
         lines.append(
-            f"{label}| floor (read_csv) | {result['floor_seconds']:.2f} | 1.00 | {floor_rss:.2f} "
-            "| | | | |"
+            f"{label}| floor (read_csv) | {result['floor_seconds']:.2f} | 1.00 | "
+            f"{result['floor_cpu_seconds']:.2f} | 1.00 | {floor_rss:.2f} | | | | |"
         )
         for phase in PHASES:
             p = result["phases"].get(phase)
@@ -410,7 +423,7 @@ def results_table(results: list[dict[str, Any]]) -> str:
                 continue
             lines.append(
                 f"{label}| {_PHASE_LABELS[phase]} | {p['seconds']:.2f} | {p['ratio']:.2f} | "
-                f"{p['peak_rss_bytes'] / _GIB:.2f} | {p['state']} | {p['rows_written']:,} | "
+                f"{p['cpu_seconds']:.2f} | {p['cpu_ratio']:.2f} | {p['peak_rss_bytes'] / _GIB:.2f} | {p['state']} | {p['rows_written']:,} | "
                 f"{p['rows_changed']:,} | {_fmt_ratio(p['rows_written'], p['rows_changed'])} |"
             )
     return "\n".join(lines)
@@ -444,13 +457,33 @@ def steps_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def merge_payloads(payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of the benchmark as one payload (results and overheads in order)."""
+    return {
+        **payloads[-1],
+        "runs": [
+            run
+            for payload in payloads
+            for run in payload.get("runs")
+            or [{"measured_at": payload["measured_at"], "command": payload["command"]}]
+        ],
+        "results": [r for payload in payloads for r in payload["results"]],
+        "overhead": [o for payload in payloads for o in payload.get("overhead", [])],
+    }
+
+
 def to_markdown(payload: dict[str, Any]) -> str:
     machine = payload["machine"]
+    runs = payload.get("runs") or [
+        {"measured_at": payload["measured_at"], "command": payload["command"]}
+    ]
     parts = [
         "## Measured results",
         "",
-        f"Measured {payload['measured_at']} with `python -m capti_pipeline.bench "
-        f"{payload['command']}`.",
+        *(
+            f"- {run['measured_at']}: `python -m capti_pipeline.bench {run['command']}`"
+            for run in runs
+        ),
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM, "
         f"{machine['os']}; Python {machine['python']}, pandas {machine['pandas']}, pyarrow "
@@ -557,8 +590,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument("--no-overhead", action="store_true", help="skip the tiny-district run")
+    parser.add_argument(
+        "--render",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: write --out from earlier JSON outputs (merged in order)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.render:
+        if not args.out:
+            parser.error("--render needs --out")
+        write_output(args.out, merge_payloads([json.loads(p.read_text()) for p in args.render]))
+        print(f"results written to {args.out}")
+        return 0
     if args.child:
         spec = json.loads(args.child)
         result = _child(spec)

@@ -117,7 +117,7 @@ def import_now_sensor(
                 detail = (
                     operations.paused_detail(district)
                     if district.paused
-                    else ("district was removed")
+                    else "district was removed"
                 )
                 operations.mark_request(conn, request.id, operations.REFUSED, detail)
                 refused.append(f"#{request.id} ({detail})")

@@ -50,12 +50,13 @@ def _ledger(conn: Connection, plan: Plan) -> dict[str, pd.DataFrame]:
         changes = plan.changes.get(entity)
         if changes is None or changes.empty:
             continue
-        existing_ids = changes["sourcedId"][~changes["action"].eq("create")].tolist()
-        before = st.read_full_rows(conn, plan.district_id, entity, existing_ids)
+        # Creates have no before-image: only the other rows are read and mapped (a first
+        # import of millions of rows reads nothing here).
+        existing = changes[~changes["action"].eq("create")]
+        before = st.read_full_rows(conn, plan.district_id, entity, existing["sourcedId"].tolist())
         before = before.drop(columns=["id"], errors="ignore")
-        before.insert(0, "action", before["sourced_id"].map(
-            dict(zip(changes["sourcedId"], changes["action"], strict=True))
-        ))
+        action_of = dict(zip(existing["sourcedId"], existing["action"], strict=True))
+        before.insert(0, "action", before["sourced_id"].map(action_of))
         created = changes[changes["action"].eq("create")]
         created_rows = pd.DataFrame({"action": "create", "sourced_id": created["sourcedId"]})
         ledger[entity] = pd.concat([before, created_rows], ignore_index=True)

@@ -287,27 +287,40 @@ def _cascade_archives(
 
 
 def _membership_changes(user_changes: pd.DataFrame, store: StoreState) -> dict[str, int]:
+    """Memberships (user, school) the plan adds and ends: per changed user, the schools after
+    minus the schools before (active stored users only), and the other way round."""
     if user_changes.empty:
         return {"added": 0, "ended": 0}
-    before = dict(
-        zip(
-            store.frames["users"]["sourcedId"],
-            store.frames["users"]["locations"].where(store.frames["users"]["status"].eq("active"), ""),
-            strict=True,
-        )
+    stored = store.frames["users"]
+    stored = stored[isin(stored["sourcedId"], user_changes["sourcedId"])]
+    before = stored["locations"].where(stored["status"].eq("active"), "")
+    old = _membership_pairs(stored["sourcedId"], before).drop(columns="row")
+    after = user_changes["locations"].astype("object").fillna("").astype("str")
+    after = after.where(~user_changes["action"].eq("archive").to_numpy(), "")
+    new = _membership_pairs(user_changes["sourcedId"], after)
+    added = new.merge(old, on=["user", "location"], how="left", indicator=True)
+    listed = pd.DataFrame(
+        {"row": np.arange(len(user_changes)), "user": user_changes["sourcedId"].to_numpy(object)}
     )
-    added = ended = 0
-    for action, sourced_id, after in zip(
-        user_changes["action"],
-        user_changes["sourcedId"],
-        user_changes["locations"].astype("object").fillna(""),
-        strict=True,
-    ):
-        old = set(filter(None, before.get(sourced_id, "").split(",")))
-        new = set() if action == "archive" else set(filter(None, str(after).split(",")))
-        added += len(new - old)
-        ended += len(old - new)
-    return {"added": added, "ended": ended}
+    old_per_row = old.merge(listed, on="user")
+    ended = old_per_row.merge(new, on=["row", "user", "location"], how="left", indicator=True)
+    return {
+        "added": int(added["_merge"].eq("left_only").sum()),
+        "ended": int(ended["_merge"].eq("left_only").sum()),
+    }
+
+
+def _membership_pairs(users: pd.Series, locations: pd.Series) -> pd.DataFrame:
+    """Distinct (row, user, location) of comma-joined location lists (row: position in users)."""
+    frame = pd.DataFrame(
+        {
+            "row": np.arange(len(users)),
+            "user": users.to_numpy(dtype=object),
+            "location": locations.astype("str").str.split(",").to_numpy(dtype=object),
+        }
+    ).explode("location")
+    frame = frame[frame["location"].notna() & frame["location"].ne("")]
+    return frame.drop_duplicates(["row", "location"]).reset_index(drop=True)
 
 
 def filter_adds_only(plan: Plan) -> tuple[Plan, dict[str, int]]:

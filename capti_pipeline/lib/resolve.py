@@ -162,8 +162,7 @@ def resolve_roster(
         resolved[entity] = frame
     protected = {
         "locations": set(delivery.protected.get("orgs", set())),
-        "users": set(delivery.protected.get("users", set()))
-        | set(delivery.protected.get("roles", set())),
+        "users": set(delivery.protected.get("users", set())),
         "classes": set(delivery.protected.get("classes", set())),
         "enrollments": set(delivery.protected.get("enrollments", set())),
     }

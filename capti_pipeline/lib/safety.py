@@ -99,6 +99,9 @@ def check_completeness(
     """Compare the delivery's files and row counts with the last applied delivery."""
     if not last_rows_read:
         return []
+    # A delta package legitimately declares unchanged files absent; a full (bulk) snapshot that
+    # lacks a file the last one had is the classic broken export, so only bulk packages hold.
+    bulk_package = "delta" not in {modes.get(f) for f in _CHECKED_FILES}
     holds: list[Hold] = []
     for file in _CHECKED_FILES:
         before = last_rows_read.get(file)
@@ -109,6 +112,8 @@ def check_completeness(
             continue
         now = rows_read.get(file)
         if now is None or mode == "absent":
+            if not bulk_package:
+                continue
             holds.append(
                 Hold(
                     "completeness",

@@ -405,22 +405,26 @@ def _read_fast(
                 quoted_strings_can_be_null=False,
             ),
         )
-    except (arrow.ArrowInvalid, arrow.ArrowException):
+    except (arrow.ArrowException, ValueError):
         return None
-    if any(number is None for number, _ in invalid) or len(table) + len(invalid) != lines - 1:
+    numbers = [number for number, _ in invalid]
+    if len(table) + len(invalid) != lines - 1 or any(
+        number is None or not 2 <= number <= lines for number in numbers
+    ):
+        return None
+    if len(set(numbers)) != len(numbers):
         return None
     frame = table.to_pandas()
     frame.columns = header
-    bad_lines = np.array(sorted(number for number, _ in invalid if number is not None), dtype=int)
+    bad_lines = np.array(sorted(int(number or 0) for number in numbers), dtype=int)
     lines_of_rows = np.delete(np.arange(2, lines + 1), bad_lines - 2)
     frame.index = pd.Index(lines_of_rows - 2)
     odd: dict[int, list[str]] = {}
     for number, row_text in invalid:
-        assert number is not None
-        cells = next(csv.reader([row_text]), [])
-        fitted = _fit_row(cells, header, number, id_pos, notes)
+        cells = next(csv.reader([row_text.rstrip("\r\n")]), [])
+        fitted = _fit_row(cells, header, int(number or 0), id_pos, notes)
         if fitted is not None:
-            odd[number] = fitted
+            odd[int(number or 0)] = fitted
     return frame, odd
 
 
@@ -461,6 +465,10 @@ def _read_csv(path: Path, canonical: str, issues: list[Issue]) -> _RawFile:
         issues.append(file_warning(canonical, "no newline at end of file; accepted"))
     head_reader = csv.reader(io.StringIO(text[: 1 << 16], newline=""))
     header = [cell.strip() for cell in next(head_reader)]
+    if not any(header):
+        raise _RefusedWith(
+            [file_error(canonical, "line 1 is blank: the header row must be the first line")]
+        )
     id_pos = next((i for i, c in enumerate(header) if c.lower() == "sourcedid"), None)
     notes = _RowNotes()
     fast = _read_fast(data, text, header, id_pos, notes) if head_reader.line_num == 1 else None
@@ -845,7 +853,8 @@ def _validate(directory: Path, known: KnownRecords, issues: list[Issue]) -> Vali
     frames: dict[str, pd.DataFrame] = {}
     rows_read: dict[str, int] = {}
     protected: dict[str, set[str]] = {entity: set() for entity in ENTITY_FILES}
-    rejected_rows: dict[str, list[dict[str, str]]] = {entity: [] for entity in ENTITY_FILES}
+    # Users with a rejected roles.csv row (1.2): their role cannot be resolved from the rest.
+    role_owners: set[str] = set()
     for file, raw_file in raw.items():
         try:
             frame = _check_header(raw_file.frame, file, version, issues)
@@ -875,10 +884,10 @@ def _validate(directory: Path, known: KnownRecords, issues: list[Issue]) -> Vali
             continue
         entity = FILE_ENTITIES[file]
         for cells in raw_file.rejected.values():
-            row = {name: _cell(cells, name) for name in fmt.HEADERS[(version, file)]}
-            rejected_rows[entity].append(row)
-            if _shown_id(row["sourcedId"]):
-                protected[entity].add(row["sourcedId"])
+            if _shown_id(_cell(cells, "sourcedId")):
+                protected[entity].add(_cell(cells, "sourcedId"))
+            if file == ROLES:
+                role_owners.add(_cell(cells, "userSourcedId"))
         frames[file] = canonicalise(frame, file, issues)
     if refusals:
         raise _RefusedWith(refusals)
@@ -904,11 +913,12 @@ def _validate(directory: Path, known: KnownRecords, issues: list[Issue]) -> Vali
         if bad:
             rejected = frame.loc[sorted(bad)]
             protected[entity].update(s for s in rejected["sourcedId"] if s)
-            rejected_rows[entity].extend(rejected.to_dict("records"))
+            if file == ROLES:
+                role_owners.update(rejected["userSourcedId"])
             frame = frame.drop(index=sorted(bad))
         clean[entity] = frame
 
-    _check_references(clean, modes, known, protected, rejected_rows, issues)
+    _check_references(clean, modes, known, protected, role_owners - {""}, issues)
     return ValidatedDelivery(version, modes, clean, protected, issues, rows_read)
 
 
@@ -940,26 +950,29 @@ def _check_references(
     modes: dict[str, str],
     known: KnownRecords,
     protected: dict[str, set[str]],
-    rejected_rows: dict[str, list[dict[str, str]]],
+    role_owners: set[str],
     issues: list[Issue],
 ) -> None:
     def drop(entity: str, mask: pd.Series) -> None:
         if mask.any():
             frame = clean[entity]
             protected[entity].update(frame["sourcedId"][mask])
-            rejected_rows[entity].extend(frame[mask].to_dict("records"))
+            if entity == "roles":
+                role_owners.update(frame["userSourcedId"][mask])
             clean[entity] = frame[~mask]
 
     org_ids = _reference_pool(clean, "orgs", modes, known.org_types)
     if "users" in clean:
         users = clean["users"]
         if "orgSourcedIds" in users.columns:
-            drop(
-                "users",
-                _reject_references(
-                    users, "users.csv", "orgSourcedIds", org_ids, "org", issues, multi=True
-                ),
+            # A tobedeleted row only needs its sourcedId (as in the schema checks).
+            live = users["status"].ne("tobedeleted")
+            bad = _reject_references(
+                users[live], "users.csv", "orgSourcedIds", org_ids, "org", issues, multi=True
             )
+            mask = pd.Series(False, index=users.index)
+            mask[bad.index] = bad
+            drop("users", mask)
     user_ids = _reference_pool(clean, "users", modes, known.users)
     if "roles" in clean:
         roles = clean["roles"]
@@ -969,9 +982,9 @@ def _check_references(
         bad |= _reject_references(roles[live], ROLES, "orgSourcedId", org_ids, "org", issues)
         mask[bad.index] = bad
         drop("roles", mask)
-        _skip_users_with_rejected_roles(clean, protected, rejected_rows, issues)
+        _skip_users_with_rejected_roles(clean, protected, role_owners, issues)
         if modes.get(ROLES) == "bulk":
-            _reject_users_without_roles(clean, protected, rejected_rows, issues)
+            _reject_users_without_roles(clean, protected, role_owners, issues)
     if "classes" in clean:
         org_types = dict(known.org_types)
         if "orgs" in clean:
@@ -980,7 +993,7 @@ def _check_references(
         classes = clean["classes"]
         live = classes["status"].ne("tobedeleted")
         school_ref = classes["schoolSourcedId"]
-        not_school = live & school_ref.isin(list(org_ids)) & ~school_ref.isin(list(schools))
+        not_school = live & isin(school_ref, org_ids) & ~isin(school_ref, schools)
         for index in classes.index[not_school]:
             org = classes.at[index, "schoolSourcedId"]
             issues.append(
@@ -1002,8 +1015,8 @@ def _check_references(
     class_ids = _reference_pool(clean, "classes", modes, known.classes)
     if "enrollments" in clean:
         enrollments = clean["enrollments"]
-        user_gone = enrollments["userSourcedId"].isin(list(protected["users"]))
-        class_gone = enrollments["classSourcedId"].isin(list(protected["classes"]))
+        user_gone = isin(enrollments["userSourcedId"], protected["users"])
+        class_gone = isin(enrollments["classSourcedId"], protected["classes"])
         for index in enrollments.index[user_gone | class_gone]:
             column = "userSourcedId" if user_gone[index] else "classSourcedId"
             issues.append(
@@ -1047,19 +1060,19 @@ def _check_references(
 def _skip_users_with_rejected_roles(
     clean: dict[str, pd.DataFrame],
     protected: dict[str, set[str]],
-    rejected_rows: dict[str, list[dict[str, str]]],
+    owners: set[str],
     issues: list[Issue],
 ) -> None:
     """OneRoster 1.2: a user's Capti role and schools come from all of its roles.csv rows, so a
     user with a rejected roles row is left exactly as it is rather than resolved from the rest."""
-    owners = {row.get("userSourcedId", "") for row in rejected_rows["roles"]} - {""}
+    owners = owners - {""}
     if not owners:
         return
     protected["users"].update(owners)
     users = clean.get("users")
     if users is None:
         return
-    affected = users["sourcedId"].isin(list(owners)) & users["status"].ne("tobedeleted")
+    affected = isin(users["sourcedId"], owners) & users["status"].ne("tobedeleted")
     for index in users.index[affected]:
         issues.append(
             Issue(
@@ -1071,14 +1084,13 @@ def _skip_users_with_rejected_roles(
                 "skipped: one of the user's roles.csv rows was rejected; the account is left as it is",
             )
         )
-    rejected_rows["users"].extend(users[affected].to_dict("records"))
     clean["users"] = users[~affected]
 
 
 def _reject_users_without_roles(
     clean: dict[str, pd.DataFrame],
     protected: dict[str, set[str]],
-    rejected_rows: dict[str, list[dict[str, str]]],
+    role_owners: set[str],
     issues: list[Issue],
 ) -> None:
     """OneRoster 1.2 bulk: a user with no roles.csv row at all is a broken reference (a role row
@@ -1087,10 +1099,8 @@ def _reject_users_without_roles(
     users = clean.get("users")
     if users is None:
         return
-    owners = set(clean["roles"]["userSourcedId"]) | {
-        row.get("userSourcedId", "") for row in rejected_rows["roles"]
-    }
-    orphan = users["status"].ne("tobedeleted") & ~users["sourcedId"].isin(list(owners))
+    owners = set(clean["roles"]["userSourcedId"]) | role_owners
+    orphan = users["status"].ne("tobedeleted") & ~isin(users["sourcedId"], owners)
     for index in users.index[orphan]:
         issues.append(
             Issue(
@@ -1104,5 +1114,4 @@ def _reject_users_without_roles(
             )
         )
     protected["users"].update(users["sourcedId"][orphan])
-    rejected_rows["users"].extend(users[orphan].to_dict("records"))
     clean["users"] = users[~orphan]

@@ -2,6 +2,7 @@
 sensors are evaluated with build_*_context, and the runs they ask for are really executed."""
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import dagster as dg
@@ -148,14 +149,28 @@ def test_import_now_end_to_end(
     assert len(env.snapshot("edfi")["users"]) == 10
 
 
-def test_import_request_is_linked_by_the_run_itself(capti_env: CaptiEnv, run_cli: Cli) -> None:
+def test_import_request_status_goes_queued_running_applied(
+    capti_env: CaptiEnv, run_cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without a later sensor tick: the run's first asset links the request, so the admin page
-    shows running (then the outcome) as soon as the run starts."""
+    shows running while the run works, then its outcome."""
     env = capti_env
     env.register("edfi", EDFI)
     run_cli("import-now", "edfi", "--by", "alice")
     [request] = import_now(env)
-    result = execute(env, request)
+    assert request_status(env, 1) == "queued"  # taken, but its run has not started
+
+    seen_during_run: list[str] = []
+    validate = sync.validate_landed_delivery
+
+    def spy(*args: Any, **kwargs: Any) -> Any:  # called by the second asset of the run
+        seen_during_run.append(request_status(env, 1))
+        return validate(*args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sync, "validate_landed_delivery", spy)
+        result = execute(env, request)
+    assert seen_during_run == ["running"]
     assert request_row(env, 1).dagster_run_id == result.run_id
     assert request_status(env, 1) == "applied"
 
@@ -241,6 +256,23 @@ def test_import_run_canceled_before_it_started_shows_failed(
     assert import_now(env) == []
     assert request_row(env, 1).dagster_run_id == run.run_id
     assert request_status(env, 1) == "failed"
+
+
+def test_import_request_lost_before_its_run_was_created_is_asked_again(
+    capti_env: CaptiEnv, run_cli: Cli
+) -> None:
+    """The daemon died after the sensor marked the request taken but before it created the run."""
+    env = capti_env
+    env.register("edfi", EDFI)
+    run_cli("import-now", "edfi")
+    [request] = import_now(env)  # ...and this RunRequest is never submitted
+    assert import_now(env) == []  # a recently taken request is waited for
+    with env.engine().begin() as conn:
+        conn.execute(
+            st.import_requests.update().values(taken_at=datetime(2020, 1, 1))  # long ago
+        )
+    [again] = import_now(env)
+    assert (again.run_key, again.tags) == (request.run_key, request.tags)  # Dagster dedupes it
 
 
 # --- sync_run_failure_sensor -------------------------------------------------------------------

@@ -269,6 +269,14 @@ REFUSED = [
         "line 4: the CSV quoting is broken",
     ),
     Case(
+        "leading-blank-line",
+        _raw("classes.csv", lambda t: ("\n" + t).encode()),
+        "classes.csv",
+        0,
+        "",
+        "line 1 is blank: the header row must be the first line",
+    ),
+    Case(
         "v12-without-roles",
         lambda d: d.remove_file("roles.csv", from_manifest=True),
         "roles.csv",

@@ -207,6 +207,20 @@ def test_short_rows_are_padded_with_a_warning(tmp_path):
     assert users(validated)["t2"]["email"] == ""
 
 
+def test_odd_rows_in_a_crlf_file_keep_their_values_clean(tmp_path):
+    base = baseline()
+    lines = base.text("users.csv").split("\n")
+    lines[2] = ",".join(next(csv.reader([lines[2]]))[:10])  # t2: short row
+    lines[3] += ","  # 0071: ragged row
+    validated = run(_raw(base, "users.csv", "\r\n".join(lines)), tmp_path)
+    assert [w.split("]")[0] for w in warnings(validated)] == [
+        "WARNING users.csv line 4 [0071",
+        "WARNING users.csv line 3 [t2",
+    ]
+    rows = users(validated)
+    assert (rows["t2"]["familyName"], rows["0071"]["grades"]) == ("Vexley", "09")
+
+
 def test_values_spanning_lines_keep_line_numbers_exact(tmp_path):
     delivery = baseline().set("users.csv", "0071", "givenName", "Two\nLines")
     delivery.set("users.csv", "0073", "role", "wizard")  # data row 5, but on line 7
@@ -434,7 +448,9 @@ def test_tobedeleted_rows_only_need_their_sourced_id(tmp_path):
     delivery.set("users.csv", "0073", "status", "tobedeleted").set(
         "users.csv", "0073", "givenName", ""
     )
-    delivery.set("users.csv", "0073", "grades", "??")
+    delivery.set("users.csv", "0073", "grades", "??").set(
+        "users.csv", "0073", "orgSourcedIds", "gone"
+    )
     delivery.remove_row("enrollments.csv", "e6")
     validated = run(delivery, tmp_path)
     assert validated.issues == []
