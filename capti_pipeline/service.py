@@ -33,8 +33,6 @@ EXIT_CODES = {
     rp.HELD: EXIT_HELD,
     rp.FAILED: EXIT_FAILED,
 }
-PID_TAG = "capti/pid"
-HOST_TAG = "capti/host"
 _DIAGNOSIS_ASSETS = ("oneroster_delivery", "validated_oneroster_frames", "resolved_roster", "roster_diff")
 # In-process (CLI) runs have no run worker Dagster could health-check: these tags let the next
 # CLI call or `status` see that the process is gone, instead of locking the district forever.
@@ -122,16 +120,6 @@ class SyncOutcome:
 
 class RunInProgressError(Exception):
     pass
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _in_progress(instance: dg.DagsterInstance, district_id: str) -> list[str]:

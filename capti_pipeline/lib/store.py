@@ -113,7 +113,7 @@ sync_runs = sa.Table(
     sa.Column("run_id", sa.String(64), primary_key=True),
     sa.Column("district_id", sa.String(128), nullable=False, index=True),
     sa.Column("kind", sa.String(16), nullable=False),  # sync | dry_run | approve | undo
-    sa.Column("trigger", sa.String(32), nullable=False),
+    sa.Column("trigger", sa.String(255), nullable=False),
     sa.Column("state", sa.String(32), nullable=False),
     sa.Column("reason", sa.Text),
     sa.Column("started_at", sa.DateTime, nullable=False, default=_now),
