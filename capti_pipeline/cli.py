@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from capti_pipeline import config, service
-from capti_pipeline.lib import operations
+from capti_pipeline.lib import operations, sync
 from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
-from capti_pipeline.lib import sync
 from capti_pipeline.lib.intake import IntakeError
 
 
@@ -83,7 +82,15 @@ def cmd_district_list(args: argparse.Namespace) -> int:
     with service.engine().connect() as conn:
         districts = st.list_districts(conn)
     for d in districts:
-        flags = [f for f, on in (("paused", d.paused), ("adds-only", d.adds_only), ("higher-ed", d.higher_ed)) if on]
+        flags = [
+            f
+            for f, on in (
+                ("paused", d.paused),
+                ("adds-only", d.adds_only),
+                ("higher-ed", d.higher_ed),
+            )
+            if on
+        ]
         print(f"{d.id}\t{d.state}\t{d.source_url}\t{','.join(flags)}")
     return 0
 
@@ -102,7 +109,9 @@ def cmd_district_set(args: argparse.Namespace) -> int:
     if args.name is not None:
         values["name"] = args.name
     if not values:
-        raise UsageError("nothing to set (use --thresholds, --adds-only, --watch-uploads or --name)")
+        raise UsageError(
+            "nothing to set (use --thresholds, --adds-only, --watch-uploads or --name)"
+        )
     with service.engine().begin() as conn:
         st.get_district(conn, args.district_id)
         st.upsert_district(conn, args.district_id, **values)
@@ -111,7 +120,9 @@ def cmd_district_set(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    outcome = service.run_district_sync(args.district_id, dry_run=args.dry_run, trigger=f"cli:{_actor(args)}")
+    outcome = service.run_district_sync(
+        args.district_id, dry_run=args.dry_run, trigger=f"cli:{_actor(args)}"
+    )
     _print_outcome(outcome)
     return outcome.exit_code
 
@@ -146,15 +157,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         flags = []
         if row["paused"]:
             until = f" until {row['paused_until']}" if row["paused_until"] else ""
-            flags.append(f"PAUSED{until}" + (f" ({row['pause_reason']})" if row["pause_reason"] else ""))
+            flags.append(
+                f"PAUSED{until}" + (f" ({row['pause_reason']})" if row["pause_reason"] else "")
+            )
         if row["held"]:
             flags.append("HELD")
         if row["adds_only"]:
             flags.append("adds-only")
         nxt = row["next_scheduled_run"]
-        nxt_text = datetime.fromisoformat(nxt).astimezone(operations.EASTERN).strftime("%Y-%m-%d %H:%M %Z") if nxt else "none (paused)"
+        nxt_text = (
+            datetime.fromisoformat(nxt).astimezone(operations.EASTERN).strftime("%Y-%m-%d %H:%M %Z")
+            if nxt
+            else "none (paused)"
+        )
         print(f"{row['district']}: {row['state']}" + (f" [{' '.join(flags)}]" if flags else ""))
-        print(f"  last run: {row['last_run_id'] or '-'} ({row['last_run_state'] or '-'}), finished {row['last_finished_at'] or '-'}, result {row['last_result'] or '-'}")
+        print(
+            f"  last run: {row['last_run_id'] or '-'} ({row['last_run_state'] or '-'}), finished {row['last_finished_at'] or '-'}, result {row['last_result'] or '-'}"
+        )
         if row["detail"]:
             print(f"  detail: {row['detail']}")
         counts = row["counts"] or {}
@@ -162,9 +181,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         changed = {e: per for e, per in changed.items() if per}
         print(f"  counts: {json.dumps(changed) if changed else 'no changes'}")
         print(f"  next scheduled run: {nxt_text}")
-        for request in row.get("import_requests") or ([row["last_import_request"]] if row["last_import_request"] else []):
+        for request in row.get("import_requests") or (
+            [row["last_import_request"]] if row["last_import_request"] else []
+        ):
             detail = f" ({request['detail']})" if request["detail"] else ""
-            print(f"  import-now #{request['id']} by {request['requested_by']} at {request['requested_at']}: {request['status']}{detail}")
+            print(
+                f"  import-now #{request['id']} by {request['requested_by']} at {request['requested_at']}: {request['status']}{detail}"
+            )
     return 0
 
 
@@ -173,9 +196,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         st.get_district(conn, args.district_id)
         run = st.get_run(conn, args.run) if args.run else st.latest_run(conn, args.district_id)
     if run is None or run.district_id != args.district_id:
-        raise UsageError(f"no run {'#' + args.run if args.run else 'yet'} for district {args.district_id}")
+        raise UsageError(
+            f"no run {'#' + args.run if args.run else 'yet'} for district {args.district_id}"
+        )
     report = run.report or rp.build_report(
-        district_id=run.district_id, run_id=run.run_id, state=run.state, issues=[], reason=run.reason
+        district_id=run.district_id,
+        run_id=run.run_id,
+        state=run.state,
+        issues=[],
+        reason=run.reason,
     )
     if args.format == "json":
         _print_json(report)
@@ -187,7 +216,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    report = sync.approve_held_plan(service.engine(), args.district_id, service.new_run_id(), _actor(args))
+    report = sync.approve_held_plan(
+        service.engine(), args.district_id, service.new_run_id(), _actor(args)
+    )
     print(rp.summary_line(report))
     return 0
 
@@ -199,7 +230,9 @@ def cmd_discard(args: argparse.Namespace) -> int:
 
 
 def cmd_undo(args: argparse.Namespace) -> int:
-    report = sync.undo_runs(service.engine(), args.district_id, args.run, service.new_run_id(), _actor(args))
+    report = sync.undo_runs(
+        service.engine(), args.district_id, args.run, service.new_run_id(), _actor(args)
+    )
     print(rp.summary_line(report))
     return 0
 
@@ -210,7 +243,9 @@ def cmd_import_now(args: argparse.Namespace) -> int:
     if request.state == "refused":
         print(f"import-now #{request.id} refused: {request.detail}")
         return 1
-    print(f"import-now #{request.id} queued for district {args.district_id}; the import_now_sensor starts it")
+    print(
+        f"import-now #{request.id} queued for district {args.district_id}; the import_now_sensor starts it"
+    )
     return 0
 
 
@@ -234,14 +269,22 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
         st.get_district(conn, args.district_id)
         if args.allow:
             for sourced_id in args.allow:
-                conn.execute(st.duplicate_decisions.delete().where(
-                    st.duplicate_decisions.c.district_id == args.district_id,
-                    st.duplicate_decisions.c.sourced_id == sourced_id))
-                conn.execute(st.duplicate_decisions.insert().values(
-                    district_id=args.district_id, sourced_id=sourced_id, decision="separate"))
+                conn.execute(
+                    st.duplicate_decisions.delete().where(
+                        st.duplicate_decisions.c.district_id == args.district_id,
+                        st.duplicate_decisions.c.sourced_id == sourced_id,
+                    )
+                )
+                conn.execute(
+                    st.duplicate_decisions.insert().values(
+                        district_id=args.district_id, sourced_id=sourced_id, decision="separate"
+                    )
+                )
             print(f"will create as separate accounts on the next run: {', '.join(args.allow)}")
             return 0
-        run = st.latest_run(conn, args.district_id, states=[rp.APPLIED, rp.NO_CHANGES, rp.HELD, rp.DRY_RUN])
+        run = st.latest_run(
+            conn, args.district_id, states=[rp.APPLIED, rp.NO_CHANGES, rp.HELD, rp.DRY_RUN]
+        )
     found = (run.report.get("possible_duplicates") if run else None) or []
     if not found:
         print("no possible duplicates in the latest run")
@@ -253,26 +296,36 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from capti_pipeline.lib.generator import DistrictSpec, generate_district, write_delivery
 
-    district = generate_district(DistrictSpec(district_id=args.district_id, students=args.students, seed=args.seed))
+    district = generate_district(
+        DistrictSpec(district_id=args.district_id, students=args.students, seed=args.seed)
+    )
     path = write_delivery(district, Path(args.out))
     print(f"wrote a OneRoster 1.1 delivery for {args.students} students to {path}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="capti-sync", description="Operate Capti's nightly roster sync.")
+    parser = argparse.ArgumentParser(
+        prog="capti-sync", description="Operate Capti's nightly roster sync."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     district = sub.add_parser("district", help="register, list, change or remove districts")
     dsub = district.add_subparsers(dest="district_command", required=True)
     add = dsub.add_parser("add", help="register a district and its partition")
     add.add_argument("district_id")
-    add.add_argument("--source", required=True, help="a local folder, or sftp://user@host:port/path")
+    add.add_argument(
+        "--source", required=True, help="a local folder, or sftp://user@host:port/path"
+    )
     add.add_argument("--name")
-    add.add_argument("--higher-ed", action="store_true", help="label admins Location Admin / Super Admin")
+    add.add_argument(
+        "--higher-ed", action="store_true", help="label admins Location Admin / Super Admin"
+    )
     add.add_argument("--sftp-key", help="private key file for SFTP")
     add.add_argument("--known-hosts", help="known_hosts file with the server's host key")
-    add.add_argument("--password-env", help="NAME of an environment variable holding an SFTP password")
+    add.add_argument(
+        "--password-env", help="NAME of an environment variable holding an SFTP password"
+    )
     add.set_defaults(func=cmd_district_add)
     remove = dsub.add_parser("remove", help="stop syncing a district and delete its partition")
     remove.add_argument("district_id")
@@ -282,16 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
     dset = dsub.add_parser("set", help="change a district's settings")
     dset.add_argument("district_id")
     dset.add_argument("--thresholds", help='JSON, e.g. \'{"users": {"archive": {"percent": 5}}}\'')
-    dset.add_argument("--adds-only", choices=["on", "off"], help="apply creates only (summer rollover)")
     dset.add_argument(
-        "--watch-uploads", choices=["on", "off"], help="also sync when a new complete upload arrives"
+        "--adds-only", choices=["on", "off"], help="apply creates only (summer rollover)"
+    )
+    dset.add_argument(
+        "--watch-uploads",
+        choices=["on", "off"],
+        help="also sync when a new complete upload arrives",
     )
     dset.add_argument("--name")
     dset.set_defaults(func=cmd_district_set)
 
     run = sub.add_parser("run", help="run the sync for one district now (through Dagster)")
     run.add_argument("district_id")
-    run.add_argument("--dry-run", action="store_true", help="compute and store the plan and report only")
+    run.add_argument(
+        "--dry-run", action="store_true", help="compute and store the plan and report only"
+    )
     run.set_defaults(func=cmd_run)
 
     snap = sub.add_parser("snapshot", help="print the district's roster as JSON")
@@ -318,13 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--by", help="who decides (default: the current user)")
         p.set_defaults(func=func)
 
-    undo = sub.add_parser("undo", help="return the roster to its state before a run (later runs are reverted too)")
+    undo = sub.add_parser(
+        "undo", help="return the roster to its state before a run (later runs are reverted too)"
+    )
     undo.add_argument("district_id")
     undo.add_argument("--run", required=True)
     undo.add_argument("--by")
     undo.set_defaults(func=cmd_undo)
 
-    now = sub.add_parser("import-now", help="ask for a sync now, as the admin page's Import Now button")
+    now = sub.add_parser(
+        "import-now", help="ask for a sync now, as the admin page's Import Now button"
+    )
     now.add_argument("district_id")
     now.add_argument("--by")
     now.set_defaults(func=cmd_import_now)
@@ -338,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("district_id")
     resume.set_defaults(func=cmd_resume)
 
-    dups = sub.add_parser("duplicates", help="list possible duplicates, or allow them as separate accounts")
+    dups = sub.add_parser(
+        "duplicates", help="list possible duplicates, or allow them as separate accounts"
+    )
     dups.add_argument("district_id")
     dups.add_argument("--allow", nargs="+", metavar="SOURCED_ID")
     dups.set_defaults(func=cmd_duplicates)

@@ -33,7 +33,12 @@ EXIT_CODES = {
     rp.HELD: EXIT_HELD,
     rp.FAILED: EXIT_FAILED,
 }
-_DIAGNOSIS_ASSETS = ("oneroster_delivery", "validated_oneroster_frames", "resolved_roster", "roster_diff")
+_DIAGNOSIS_ASSETS = (
+    "oneroster_delivery",
+    "validated_oneroster_frames",
+    "resolved_roster",
+    "roster_diff",
+)
 # In-process (CLI) runs have no run worker Dagster could health-check: these tags let the next
 # CLI call or `status` see that the process is gone, instead of locking the district forever.
 RUNNER_PID_TAG = "capti/runner_pid"
@@ -162,7 +167,9 @@ def _fail_if_runner_died(instance: dg.DagsterInstance, run: dg.DagsterRun) -> st
         return None
     message = f"the capti-sync process {run.tags[RUNNER_PID_TAG]} running it is gone (killed?)"
     instance.report_run_failed(run, message)
-    record_dagster_failure(engine(), run.run_id, message, district_id=run.tags.get("dagster/partition"))
+    record_dagster_failure(
+        engine(), run.run_id, message, district_id=run.tags.get("dagster/partition")
+    )
     return message
 
 
@@ -206,7 +213,11 @@ def run_district_sync(
             "one run per district at a time"
         )
     job = defs.resolve_job_def("roster_sync_job")
-    tags = {TRIGGER_TAG: trigger, RUNNER_PID_TAG: str(os.getpid()), RUNNER_HOST_TAG: socket.gethostname()}
+    tags = {
+        TRIGGER_TAG: trigger,
+        RUNNER_PID_TAG: str(os.getpid()),
+        RUNNER_HOST_TAG: socket.gethostname(),
+    }
     selection = None
     if dry_run:
         tags[DRY_RUN_TAG] = "true"

@@ -12,10 +12,9 @@ from collections.abc import Iterator
 import dagster as dg
 
 from capti_pipeline.defs.partitions import districts_partitions
-from capti_pipeline.lib import intake, operations
+from capti_pipeline.lib import intake, operations, sync
 from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
-from capti_pipeline.lib import sync
 from capti_pipeline.lib.apply import AppliedChanges
 from capti_pipeline.lib.diff import Plan
 from capti_pipeline.lib.issues import ERROR
@@ -44,7 +43,9 @@ def _finish(
     **values: object,
 ) -> None:
     with roster_store.engine().begin() as conn:
-        st.record_run_end(conn, run_id, state=state, report=report, reason=report.get("reason"), **values)  # type: ignore[arg-type]
+        st.record_run_end(
+            conn, run_id, state=state, report=report, reason=report.get("reason"), **values
+        )  # type: ignore[arg-type]
     if notifier is not None and state in (rp.FAILED, rp.REFUSED, rp.HELD):
         notifier.send(district_id, state, report.get("reason") or state, run_id)
 
@@ -52,7 +53,10 @@ def _finish(
 def _issues_markdown(issues: list, limit: int = 50) -> str:
     if not issues:
         return "none"
-    lines = ["| severity | file | line | column | sourcedId | message |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| severity | file | line | column | sourcedId | message |",
+        "|---|---|---|---|---|---|",
+    ]
     for issue in issues[:limit]:
         lines.append(
             f"| {issue.severity} | {issue.file} | {issue.line or ''} | {issue.column} | "
@@ -118,7 +122,9 @@ def oneroster_delivery(
         return
     except intake.TransientSourceError as exc:
         context.log.warning(f"transient source error, will retry: {exc}")
-        raise dg.RetryRequested(max_retries=3, seconds_to_wait=delivery_storage.retry_wait_s) from exc
+        raise dg.RetryRequested(
+            max_retries=3, seconds_to_wait=delivery_storage.retry_wait_s
+        ) from exc
     except intake.DeliveryRefused as exc:
         report = rp.build_report(
             district_id=district_id, run_id=run_id, state=rp.REFUSED, issues=[], reason=str(exc)

@@ -152,7 +152,9 @@ def to_csv(report: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def affected_ids(changes: dict[str, Any], limit: int = MAX_LISTED_IDS) -> dict[str, dict[str, list[str]]]:
+def affected_ids(
+    changes: dict[str, Any], limit: int = MAX_LISTED_IDS
+) -> dict[str, dict[str, list[str]]]:
     out: dict[str, dict[str, list[str]]] = {}
     for entity, frame in changes.items():
         if frame is None or frame.empty:

@@ -1,6 +1,6 @@
 """Safety rules that hold a plan for a human instead of applying it.
 
-Thresholds are set per entity × action, as a percentage of the current active roster and/or an
+Thresholds are set per entity and action, as a percentage of the current active roster and/or an
 absolute count; a plan over any of them is held. Defaults follow Clever's holds: more than 10 %
 archived or more than 75 % updated of any entity. A district's own settings override them, e.g.
 `{"users": {"archive": {"percent": 5, "count": 200}}, "*": {"update": {"percent": 50}}}`.

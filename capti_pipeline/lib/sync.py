@@ -21,7 +21,9 @@ from capti_pipeline.lib.safety import Hold, check_completeness, check_thresholds
 from capti_pipeline.lib.validate import KnownRecords, ValidatedDelivery, validate_delivery
 
 
-def validate_landed_delivery(engine: Engine, district_id: str, directory: Path) -> ValidatedDelivery:
+def validate_landed_delivery(
+    engine: Engine, district_id: str, directory: Path
+) -> ValidatedDelivery:
     with engine.connect() as conn:
         org_types = st.known_org_types(conn, district_id)
         # Only the ids references may point at (not the whole roster state: the enrollments
@@ -32,7 +34,9 @@ def validate_landed_delivery(engine: Engine, district_id: str, directory: Path) 
     return validate_delivery(directory, known)
 
 
-def resolve_delivery(engine: Engine, district_id: str, delivery: ValidatedDelivery) -> ResolvedRoster:
+def resolve_delivery(
+    engine: Engine, district_id: str, delivery: ValidatedDelivery
+) -> ResolvedRoster:
     with engine.connect() as conn:
         org_types = st.known_org_types(conn, district_id)
     return resolve_roster(delivery, org_types)
@@ -56,7 +60,9 @@ def plan_sync(engine: Engine, district_id: str, roster: ResolvedRoster) -> Plann
                 )
             ).scalars()
         )
-        last_applied = st.latest_run(conn, district_id, states=[rp.APPLIED, rp.NO_CHANGES, rp.APPROVED])
+        last_applied = st.latest_run(
+            conn, district_id, states=[rp.APPLIED, rp.NO_CHANGES, rp.APPROVED]
+        )
     plan = compute_plan(district_id, roster, state, allowed_duplicates=allowed)
     skipped: dict[str, int] = {}
     if district.adds_only:
@@ -91,7 +97,9 @@ def load_plan(engine: Engine, run: st.RunRecord) -> Plan:
     with engine.connect() as conn:
         changes = st.load_payload(conn, run.run_id, "plan")
     membership = run.report.get("membership_changes") or {"added": 0, "ended": 0}
-    return Plan(run.district_id, int(run.base_version or 0), changes, [], membership_changes=membership)
+    return Plan(
+        run.district_id, int(run.base_version or 0), changes, [], membership_changes=membership
+    )
 
 
 class NothingHeldError(Exception):
@@ -112,7 +120,12 @@ def approve_held_plan(engine: Engine, district_id: str, run_id: str, actor: str)
     plan = load_plan(engine, held)
     with engine.begin() as conn:
         st.record_run_start(
-            conn, run_id, district_id, kind="approve", trigger=f"approve:{actor}", source_run_id=held.run_id
+            conn,
+            run_id,
+            district_id,
+            kind="approve",
+            trigger=f"approve:{actor}",
+            source_run_id=held.run_id,
         )
     try:
         applied = apply_in_transaction(engine, plan, run_id)
@@ -165,7 +178,9 @@ class UndoError(Exception):
     pass
 
 
-def undo_runs(engine: Engine, district_id: str, target_run_id: str, run_id: str, actor: str) -> dict[str, Any]:
+def undo_runs(
+    engine: Engine, district_id: str, target_run_id: str, run_id: str, actor: str
+) -> dict[str, Any]:
     """Return the roster to its state before `target_run_id` (reverting later runs too)."""
     with engine.connect() as conn:
         target = st.get_run(conn, target_run_id)
@@ -179,12 +194,19 @@ def undo_runs(engine: Engine, district_id: str, target_run_id: str, run_id: str,
     applied.sort(key=lambda r: (r.finished_at, r.run_id), reverse=True)
     ids = [r.run_id for r in applied]
     if target_run_id not in ids:
-        raise UndoError(f"run {target_run_id} did not apply changes (state {target.state}); nothing to undo")
+        raise UndoError(
+            f"run {target_run_id} did not apply changes (state {target.state}); nothing to undo"
+        )
     to_revert = ids[: ids.index(target_run_id) + 1]
     with engine.begin() as conn:
         plan = undo_plan(conn, district_id, to_revert)
         st.record_run_start(
-            conn, run_id, district_id, kind="undo", trigger=f"undo:{actor}", source_run_id=target_run_id
+            conn,
+            run_id,
+            district_id,
+            kind="undo",
+            trigger=f"undo:{actor}",
+            source_run_id=target_run_id,
         )
     changes = apply_in_transaction(engine, plan, run_id)
     reverted = ", ".join(to_revert)
@@ -199,7 +221,12 @@ def undo_runs(engine: Engine, district_id: str, target_run_id: str, run_id: str,
     )
     with engine.begin() as conn:
         st.record_run_end(
-            conn, run_id, state=rp.APPLIED, reason=report["reason"], counts=changes.counts, report=report
+            conn,
+            run_id,
+            state=rp.APPLIED,
+            reason=report["reason"],
+            counts=changes.counts,
+            report=report,
         )
         for reverted_id in to_revert:
             conn.execute(
@@ -245,7 +272,12 @@ def snapshot(engine: Engine, district_id: str) -> dict[str, Any]:
             for r in users.itertuples(index=False)
         ],
         "classes": [
-            {"sourcedId": r.sourced_id, "title": r.title, "location": r.location, "status": r.status}
+            {
+                "sourcedId": r.sourced_id,
+                "title": r.title,
+                "location": r.location,
+                "status": r.status,
+            }
             for r in classes.itertuples(index=False)
         ],
         "enrollments": [

@@ -37,9 +37,9 @@ class WatchState:
 
 def ready_to_launch(state: WatchState, district_id: str, listing: Listing) -> str | None:
     """Record this observation; return the signature to launch for, or None to wait."""
-    if not listing or not any(name.lower() == "manifest.csv" for name in listing) and not any(
-        name.lower().endswith(".zip") for name in listing
-    ):
+    names = [name.lower() for name in listing]
+    complete = "manifest.csv" in names or any(name.endswith(".zip") for name in names)
+    if not complete:
         state.observed.pop(district_id, None)
         return None
     signature = listing_signature(listing)

@@ -6,12 +6,22 @@ import subprocess
 import sys
 import time
 
-from capti_pipeline.lib.generator import DistrictSpec, generate_district, remove_students, rename_users, write_delivery
+from capti_pipeline.lib.generator import (
+    DistrictSpec,
+    generate_district,
+    remove_students,
+    rename_users,
+    write_delivery,
+)
 from capti_pipeline_tests.support.harness import CaptiEnv
 
 
-def test_kill_during_apply_leaves_the_previous_roster_and_the_next_run_completes(capti_env: CaptiEnv):
-    district = generate_district(DistrictSpec(district_id="crash", students=600, students_per_school=200))
+def test_kill_during_apply_leaves_the_previous_roster_and_the_next_run_completes(
+    capti_env: CaptiEnv,
+):
+    district = generate_district(
+        DistrictSpec(district_id="crash", students=600, students_per_school=200)
+    )
     drop = capti_env.root / "drop"
     write_delivery(district, drop)
     capti_env.register("crash", drop)
@@ -54,5 +64,9 @@ def test_kill_during_apply_leaves_the_previous_roster_and_the_next_run_completes
     outcome = capti_env.run("crash")  # the dead run is noticed and does not block this one
     assert outcome.state == "applied", outcome.report
     after = {u["sourcedId"]: u for u in capti_env.snapshot("crash")["users"]}
-    assert sum(u["status"] == "archived" for u in after.values()) == outcome.report["counts"]["users"]["archive"] > 0
+    assert (
+        sum(u["status"] == "archived" for u in after.values())
+        == outcome.report["counts"]["users"]["archive"]
+        > 0
+    )
     assert capti_env.run("crash").state == "no_changes"

@@ -67,7 +67,10 @@ def test_first_import_follows_capti_rules(first_night):
         if row.role == "administrator":
             expected = "district_admin" if district_org in org_ids else "school_admin"
             assert user["role"] == expected, row.sourcedId
-            assert user["roleLabel"] == {"district_admin": "District Admin", "school_admin": "School Admin"}[expected]
+            assert (
+                user["roleLabel"]
+                == {"district_admin": "District Admin", "school_admin": "School Admin"}[expected]
+            )
         else:
             assert user["role"] == row.role
 
@@ -109,15 +112,31 @@ def test_nightly_changes_archive_move_rename_and_restore(first_night):
     leaver_enrollments = [e for e in after["enrollments"] if e["user"] in set(leavers)]
     assert leaver_enrollments and all(e["status"] == "archived" for e in leaver_enrollments)
 
-    new_orgs = dict(zip(night2.frames["users"]["sourcedId"], night2.frames["users"]["orgSourcedIds"], strict=True))
+    new_orgs = dict(
+        zip(
+            night2.frames["users"]["sourcedId"],
+            night2.frames["users"]["orgSourcedIds"],
+            strict=True,
+        )
+    )
     for sourced_id in movers:
         assert after_users[sourced_id]["locations"] == [new_orgs[sourced_id]]
         assert after_users[sourced_id]["locations"] != before_users[sourced_id]["locations"]
-        active_classes = {e["class"] for e in after["enrollments"] if e["user"] == sourced_id and e["status"] == "active"}
-        expected = set(night2.frames["enrollments"]["classSourcedId"][night2.frames["enrollments"]["userSourcedId"].eq(sourced_id)])
+        active_classes = {
+            e["class"]
+            for e in after["enrollments"]
+            if e["user"] == sourced_id and e["status"] == "active"
+        }
+        expected = set(
+            night2.frames["enrollments"]["classSourcedId"][
+                night2.frames["enrollments"]["userSourcedId"].eq(sourced_id)
+            ]
+        )
         assert active_classes == expected
 
-    new_family = dict(zip(night2.frames["users"]["sourcedId"], night2.frames["users"]["familyName"], strict=True))
+    new_family = dict(
+        zip(night2.frames["users"]["sourcedId"], night2.frames["users"]["familyName"], strict=True)
+    )
     for sourced_id in renamed:
         assert after_users[sourced_id]["familyName"] == new_family[sourced_id]
         assert after_users[sourced_id]["accountId"] == before_users[sourced_id]["accountId"]
@@ -157,7 +176,7 @@ def test_bom_and_crlf_delivery_gives_the_same_roster(first_night):
 
 
 def test_districts_are_isolated(first_night):
-    env, district, snapshot = first_night
+    env, _district, snapshot = first_night
     other = generate_district(DistrictSpec(district_id="other", students=50, seed=5))
     folder = env.root / "drop" / "other"
     folder.mkdir(parents=True)

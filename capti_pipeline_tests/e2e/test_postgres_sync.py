@@ -35,9 +35,11 @@ def pg_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, postgres_server):
 
 
 def test_full_sync_on_postgres(pg_env, tmp_path: Path):
-    instance, roster_url = pg_env
+    instance, _roster_url = pg_env
     assert "postgres" in type(instance.run_storage).__name__.lower()
-    district = generate_district(DistrictSpec(district_id="pg", students=400, students_per_school=200))
+    district = generate_district(
+        DistrictSpec(district_id="pg", students=400, students_per_school=200)
+    )
     drop = tmp_path / "drop"
     write_delivery(district, drop)
     service.register_district("pg", str(drop), instance=instance)

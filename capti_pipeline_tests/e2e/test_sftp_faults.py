@@ -77,7 +77,10 @@ def test_changed_host_key_fails_at_once(capti_env: CaptiEnv, sshd_server, tmp_pa
     other_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
     known_hosts = sshd_server.write_known_hosts(tmp_path / "kh_wrong", public_key=other_key)
     capti_env.register(
-        "hk", sshd_server.url(folder), sftp_key=str(sshd_server.client_key_path), known_hosts=str(known_hosts)
+        "hk",
+        sshd_server.url(folder),
+        sftp_key=str(sshd_server.client_key_path),
+        known_hosts=str(known_hosts),
     )
     outcome = capti_env.run("hk")
     assert outcome.state == "failed" and outcome.exit_code == 1

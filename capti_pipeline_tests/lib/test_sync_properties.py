@@ -26,7 +26,9 @@ _counter = itertools.count()
 user_rows = strat.fixed_dictionaries(
     {
         "role": strat.sampled_from(["student", "teacher", "administrator"]),
-        "orgs": strat.lists(strat.sampled_from([*SCHOOLS, "dist"]), min_size=1, max_size=3, unique=True),
+        "orgs": strat.lists(
+            strat.sampled_from([*SCHOOLS, "dist"]), min_size=1, max_size=3, unique=True
+        ),
         "givenName": strat.sampled_from(["Ana", "Zoë", "José", "Li"]),
         "familyName": strat.sampled_from(["Ng", "O'Brien", "Smith"]),
         "enabled": strat.booleans(),
@@ -35,8 +37,12 @@ user_rows = strat.fixed_dictionaries(
 )
 delivery_strategy = strat.fixed_dictionaries(
     {
-        "users": strat.dictionaries(strat.sampled_from(USER_POOL), user_rows, max_size=len(USER_POOL)),
-        "classes": strat.dictionaries(strat.sampled_from(CLASS_POOL), strat.sampled_from(SCHOOLS), max_size=4),
+        "users": strat.dictionaries(
+            strat.sampled_from(USER_POOL), user_rows, max_size=len(USER_POOL)
+        ),
+        "classes": strat.dictionaries(
+            strat.sampled_from(CLASS_POOL), strat.sampled_from(SCHOOLS), max_size=4
+        ),
         "enrollment_picks": strat.lists(
             strat.tuples(strat.sampled_from(CLASS_POOL), strat.sampled_from(USER_POOL)), max_size=20
         ),
@@ -45,13 +51,34 @@ delivery_strategy = strat.fixed_dictionaries(
 
 
 def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=columns, dtype="str") if rows else pd.DataFrame(columns=columns, dtype="str")
+    return (
+        pd.DataFrame(rows, columns=columns, dtype="str")
+        if rows
+        else pd.DataFrame(columns=columns, dtype="str")
+    )
 
 
 def as_validated(delivery: dict) -> ValidatedDelivery:
     """A bulk 1.1 delivery built directly in validated form (validation has its own tests)."""
-    orgs = [{"sourcedId": "dist", "status": "", "name": "District", "type": "district", "parentSourcedId": ""}]
-    orgs += [{"sourcedId": s, "status": "", "name": s.upper(), "type": "school", "parentSourcedId": "dist"} for s in SCHOOLS]
+    orgs = [
+        {
+            "sourcedId": "dist",
+            "status": "",
+            "name": "District",
+            "type": "district",
+            "parentSourcedId": "",
+        }
+    ]
+    orgs += [
+        {
+            "sourcedId": s,
+            "status": "",
+            "name": s.upper(),
+            "type": "school",
+            "parentSourcedId": "dist",
+        }
+        for s in SCHOOLS
+    ]
     users = [
         {
             "sourcedId": sid,
@@ -69,7 +96,13 @@ def as_validated(delivery: dict) -> ValidatedDelivery:
         for sid, row in sorted(delivery["users"].items())
     ]
     classes = [
-        {"sourcedId": cid, "status": "", "title": f"Class {cid}", "classType": "scheduled", "schoolSourcedId": school}
+        {
+            "sourcedId": cid,
+            "status": "",
+            "title": f"Class {cid}",
+            "classType": "scheduled",
+            "schoolSourcedId": school,
+        }
         for cid, school in sorted(delivery["classes"].items())
     ]
     enrollments = []
@@ -88,9 +121,37 @@ def as_validated(delivery: dict) -> ValidatedDelivery:
             )
     frames = {
         "orgs": _frame(orgs, ["sourcedId", "status", "name", "type", "parentSourcedId"]),
-        "users": _frame(users, ["sourcedId", "status", "enabledUser", "orgSourcedIds", "role", "username", "givenName", "familyName", "identifier", "email", "grades"]),
-        "classes": _frame(classes, ["sourcedId", "status", "title", "classType", "schoolSourcedId"]),
-        "enrollments": _frame(enrollments, ["sourcedId", "status", "classSourcedId", "schoolSourcedId", "userSourcedId", "role", "primary"]),
+        "users": _frame(
+            users,
+            [
+                "sourcedId",
+                "status",
+                "enabledUser",
+                "orgSourcedIds",
+                "role",
+                "username",
+                "givenName",
+                "familyName",
+                "identifier",
+                "email",
+                "grades",
+            ],
+        ),
+        "classes": _frame(
+            classes, ["sourcedId", "status", "title", "classType", "schoolSourcedId"]
+        ),
+        "enrollments": _frame(
+            enrollments,
+            [
+                "sourcedId",
+                "status",
+                "classSourcedId",
+                "schoolSourcedId",
+                "userSourcedId",
+                "role",
+                "primary",
+            ],
+        ),
     }
     modes = {f: "bulk" for f in ("orgs.csv", "users.csv", "classes.csv", "enrollments.csv")}
     protected = {e: set() for e in ("orgs", "users", "classes", "enrollments", "roles")}
@@ -135,7 +196,12 @@ def sync_once(engine, district_id: str, delivery: dict):
     return roster
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
 @given(deliveries=strat.lists(delivery_strategy, min_size=1, max_size=4))
 def test_applying_the_diff_makes_the_store_equal_the_delivery(engine, deliveries):
     district_id = f"prop-{next(_counter)}"
