@@ -17,9 +17,6 @@ from capti_pipeline import cli
 from capti_pipeline.resources import Notifier, RosterStore
 from capti_pipeline_tests.support.harness import CaptiEnv
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "oneroster-samples"
-EDFI = SAMPLES / "Ed-Fi-Exchange-OSS__LMS-Toolkit" / "oneroster-1.1"
-
 
 def sensor_resources(env: CaptiEnv) -> dict[str, object]:
     return {

@@ -4,7 +4,6 @@ Expected tick times come from Dagster's own cron iterator, not from our reading 
 """
 
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dagster as dg
@@ -15,11 +14,9 @@ from capti_pipeline.defs.schedules import nightly_roster_sync
 from capti_pipeline.lib import operations
 from capti_pipeline.lib import store as st
 from capti_pipeline.resources import RosterStore
-from capti_pipeline_tests.support.harness import CaptiEnv
+from capti_pipeline_tests.support.harness import EDFI, CaptiEnv
 
 EASTERN = ZoneInfo("America/New_York")
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "oneroster-samples"
-EDFI = SAMPLES / "Ed-Fi-Exchange-OSS__LMS-Toolkit" / "oneroster-1.1"
 CRON, TZ = "0 2 * * *", "America/New_York"
 
 

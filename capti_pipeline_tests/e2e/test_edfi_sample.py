@@ -1,7 +1,4 @@
-from pathlib import Path
-
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "oneroster-samples"
-EDFI = SAMPLES / "Ed-Fi-Exchange-OSS__LMS-Toolkit" / "oneroster-1.1"
+from capti_pipeline_tests.support.harness import EDFI
 
 
 def test_edfi_sample_imports_its_ten_users(capti_env):

@@ -7,13 +7,10 @@ from pathlib import Path
 import pytest
 
 from capti_pipeline.lib import report as rp
+from capti_pipeline_tests.support.harness import EDFI, SAMPLES
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "oneroster-samples"
-EDFI = SAMPLES / "Ed-Fi-Exchange-OSS__LMS-Toolkit" / "oneroster-1.1"
 MOODLE = SAMPLES / "catalyst__moodle-enrol_oneroster"
 OAT = SAMPLES / "oat-sa__oneroster-import" / "OneRosterv1p1BaseCSV"
-
-pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared OneRoster samples not present")
 
 
 def _sync(capti_env, district_id: str, source: Path):

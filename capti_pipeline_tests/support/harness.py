@@ -17,6 +17,10 @@ from capti_pipeline import service
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib import sync
 
+# Public OneRoster deliveries, in ../shared beside the checkout (CI lays a copy there too).
+SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "oneroster-samples"
+EDFI = SAMPLES / "Ed-Fi-Exchange-OSS__LMS-Toolkit" / "oneroster-1.1"
+
 
 @dataclass
 class CaptiEnv:
@@ -37,7 +41,9 @@ class CaptiEnv:
         return sync.snapshot(service.engine(), district_id)
 
     def active_user_ids(self, district_id: str) -> set[str]:
-        return {u["sourcedId"] for u in self.snapshot(district_id)["users"] if u["status"] == "active"}
+        return {
+            u["sourcedId"] for u in self.snapshot(district_id)["users"] if u["status"] == "active"
+        }
 
     def delivery_dir(self, name: str) -> Path:
         path = self.root / "deliveries" / name
