@@ -138,9 +138,13 @@ _SNAPSHOT_SKIP = {"id", "district_id", "created_run", "updated_run"}
 
 
 def _child_snapshot(spec: dict[str, Any]) -> dict[str, Any]:
-    """Fingerprint every roster row and count the rows that differ from the previous snapshot."""
+    """Fingerprint every roster row and count the rows that differ from the previous snapshot.
+
+    Runs with PYTHONHASHSEED=0, so Python's tuple hash of a row's stored values is the same in
+    every snapshot child.
+    """
+    import numpy as np
     import pandas as pd
-    import sqlalchemy as sa
 
     from capti_pipeline.lib import store as st
     from capti_pipeline.resources import store_engine
@@ -148,28 +152,32 @@ def _child_snapshot(spec: dict[str, Any]) -> dict[str, Any]:
     engine = store_engine(os.environ["CAPTI_DATABASE_URL"])
     folder = Path(spec["folder"])
     folder.mkdir(parents=True, exist_ok=True)
-    tables = {**{e: t for e, t in st.ROSTER_TABLES.items()}, "memberships": st.memberships}
+    tables = {**st.ROSTER_TABLES, "memberships": st.memberships}
     changed: dict[str, int] = {}
     for name, table in tables.items():
         keys = (
             ["user_sourced_id", "location_sourced_id"] if name == "memberships" else ["sourced_id"]
         )
         values = [c.name for c in table.c if c.name not in _SNAPSHOT_SKIP and c.name not in keys]
-        query = sa.select(*(table.c[c] for c in [*keys, *values])).where(
-            table.c.district_id == DISTRICT_ID
-        )
-        parts: list[pd.DataFrame] = []
+        key_sql = " || char(31) || ".join(keys) if len(keys) > 1 else keys[0]
+        if engine.dialect.name == "postgresql":
+            key_sql = " || chr(31) || ".join(keys) if len(keys) > 1 else keys[0]
+        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        sql = f"SELECT {key_sql}, {', '.join(values)} FROM {table.name} WHERE district_id = {mark}"
+        key_parts: list[np.ndarray] = []
+        hash_parts: list[np.ndarray] = []
         with engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=500_000).execute(query)
-            for chunk in result.partitions(500_000):
-                frame = pd.DataFrame.from_records(chunk, columns=[*keys, *values]).astype(str)
-                key = frame[keys[0]] if len(keys) == 1 else frame[keys[0]] + "\x1f" + frame[keys[1]]
-                hashed = pd.util.hash_pandas_object(frame[values], index=False).to_numpy()
-                parts.append(pd.DataFrame({"key": key.to_numpy(), "h": hashed}))
-        after = (
-            pd.concat(parts, ignore_index=True)
-            if parts
-            else pd.DataFrame({"key": pd.Series(dtype=str), "h": pd.Series(dtype="uint64")})
+            cursor = conn.connection.driver_connection.cursor()
+            cursor.execute(sql, (DISTRICT_ID,))
+            while rows := cursor.fetchmany(500_000):
+                key_parts.append(np.array([row[0] for row in rows], dtype=object))
+                hash_parts.append(np.fromiter((hash(row[1:]) for row in rows), np.int64, len(rows)))
+            cursor.close()
+        after = pd.DataFrame(
+            {
+                "key": pd.array(np.concatenate(key_parts) if key_parts else [], dtype="str"),
+                "h": np.concatenate(hash_parts) if hash_parts else np.array([], np.int64),
+            }
         )
         path = folder / f"{name}.parquet"
         if path.exists():
@@ -180,7 +188,7 @@ def _child_snapshot(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             changed[name] = len(after)  # against an empty store
         after.to_parquet(path, index=False)
-    return {"changed": changed, "rows": None}
+    return {"changed": changed}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,6 +201,8 @@ def _spawn(spec: dict[str, Any], env: dict[str, str], workdir: Path) -> dict[str
     result_path = workdir / f".child-{os.getpid()}-{time.monotonic_ns()}.json"
     spec = {**spec, "result_path": str(result_path)}
     started = time.perf_counter()
+    if spec["kind"] == "snapshot":
+        env = {**env, "PYTHONHASHSEED": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "capti_pipeline.bench", "--child", json.dumps(spec)], env=env
     )

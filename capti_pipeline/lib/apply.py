@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.diff import Plan
 from capti_pipeline.lib.failpoints import failpoint
+from capti_pipeline.lib.fastops import isin
 from capti_pipeline.lib.resolve import ENTITIES, VALUE_COLUMNS
 
 # Restores and updates write every value column, so they share one statement.
@@ -118,53 +119,97 @@ def _write_entity(
     return written
 
 
+_MEMBERSHIP_COLUMNS = ["district_id", "user_sourced_id", "location_sourced_id", "status"]
+
+
 def _rewrite_memberships(
     conn: Connection,
     district_id: str,
     user_changes: pd.DataFrame | None,
     ledger: dict[str, pd.DataFrame],
 ) -> int:
-    """Memberships follow the user rows: rewrite them for every user the plan touched."""
+    """Memberships follow the user rows: for every user the plan touched, the membership rows
+    become (user, school, status) of its new locations (archived: its last locations, archived;
+    deleted: none). Only rows that differ are written; returns how many were."""
     if user_changes is None or user_changes.empty:
         return 0
-    before = ledger.get("users")
-    before_locations = (
-        dict(zip(before["sourced_id"], before["locations"].fillna(""), strict=True))
-        if before is not None and "locations" in before.columns
-        else {}
-    )
-    affected = user_changes["sourcedId"].tolist()
-    st.execute_many(
+    wanted = _wanted_memberships(district_id, user_changes, ledger.get("users"))
+    affected = user_changes["sourcedId"].astype("str")
+    if len(affected) > 200_000:  # a first import: one scan beats that many lookups
+        existing = st.read_table_columns(
+            conn, st.memberships, district_id, _MEMBERSHIP_COLUMNS[1:]
+        )
+        existing = existing[isin(existing["user_sourced_id"], affected)]
+    else:
+        existing = st.read_table_columns(
+            conn,
+            st.memberships,
+            district_id,
+            _MEMBERSHIP_COLUMNS[1:],
+            where=("user_sourced_id", affected.tolist()),
+        )
+    key = ["user_sourced_id", "location_sourced_id"]
+    both = wanted.merge(existing, on=key, how="outer", suffixes=("", "_now"), indicator=True)
+    gone = both[both["_merge"].eq("right_only")]
+    new = both[both["_merge"].eq("left_only")]
+    restated = both[both["_merge"].eq("both") & both["status"].ne(both["status_now"])]
+    written = st.execute_many(
         conn,
-        "DELETE FROM memberships WHERE district_id = ? AND user_sourced_id = ?",
-        [(district_id, s) for s in affected],
-    )
-    rows: list[tuple[str, str, str, str]] = []
-    statuses = user_changes["status"] if "status" in user_changes.columns else None
-    for index, (action, sourced_id, locs) in enumerate(
+        "DELETE FROM memberships WHERE district_id = ? AND user_sourced_id = ? "
+        "AND location_sourced_id = ?",
         zip(
-            user_changes["action"],
-            user_changes["sourcedId"],
-            user_changes["locations"].astype("object").fillna(""),
+            [district_id] * len(gone),
+            gone["user_sourced_id"].tolist(),
+            gone["location_sourced_id"].tolist(),
             strict=True,
-        )
-    ):
-        if action == "delete":
-            continue
-        if action == "archive":
-            status, locs = "archived", before_locations.get(sourced_id, "")
-        else:
-            status = "active"
-            if statuses is not None and isinstance(statuses.iloc[index], str):
-                status = statuses.iloc[index]
-        rows.extend(
-            (district_id, sourced_id, location, status)
-            for location in str(locs).split(",")
-            if location
-        )
-    return st.copy_rows(
-        conn, "memberships", ["district_id", "user_sourced_id", "location_sourced_id", "status"], rows
+        ),
     )
+    written += st.execute_many(
+        conn,
+        "UPDATE memberships SET status = ? WHERE district_id = ? AND user_sourced_id = ? "
+        "AND location_sourced_id = ?",
+        zip(
+            restated["status"].tolist(),
+            [district_id] * len(restated),
+            restated["user_sourced_id"].tolist(),
+            restated["location_sourced_id"].tolist(),
+            strict=True,
+        ),
+    )
+    rows = new.assign(district_id=district_id)[_MEMBERSHIP_COLUMNS].reset_index(drop=True)
+    return written + st.insert_frame(conn, "memberships", rows)
+
+
+def _wanted_memberships(
+    district_id: str, user_changes: pd.DataFrame, before: pd.DataFrame | None
+) -> pd.DataFrame:
+    """(user, school, status) rows the touched users should have after the plan."""
+    kept = user_changes[~user_changes["action"].eq("delete")]
+    locations = kept["locations"].astype("object").fillna("").astype("str")
+    if "status" in kept.columns:
+        status = kept["status"].astype("object")
+        status = status.where(status.map(lambda v: isinstance(v, str)), "active")
+    else:
+        status = pd.Series("active", index=kept.index, dtype="object")
+    archive = kept["action"].eq("archive")
+    if archive.any():
+        last = (
+            dict(zip(before["sourced_id"], before["locations"].fillna(""), strict=True))
+            if before is not None and "locations" in before.columns
+            else {}
+        )
+        locations[archive] = kept["sourcedId"][archive].map(lambda s: last.get(s, ""))
+        status[archive] = "archived"
+    frame = pd.DataFrame(
+        {
+            "user_sourced_id": kept["sourcedId"].to_numpy(dtype=object),
+            "location_sourced_id": locations.str.split(",").to_numpy(dtype=object),
+            "status": status.astype("str").to_numpy(dtype=object),
+        }
+    ).explode("location_sourced_id")
+    frame = frame[frame["location_sourced_id"].notna() & frame["location_sourced_id"].ne("")]
+    frame = frame.drop_duplicates(["user_sourced_id", "location_sourced_id"])
+    return frame.astype("str").reset_index(drop=True)
 
 
 def undo_plan(conn: Connection, district_id: str, run_ids: list[str]) -> Plan:

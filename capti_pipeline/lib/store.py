@@ -357,26 +357,58 @@ def read_columns(
     conn: Connection, entity: str, district_id: str, names: Sequence[str]
 ) -> pd.DataFrame:
     """Some columns of one district's rows of a roster table, fast: ``str`` (pyarrow) columns,
-    int64 for row_hash and id. Every column read here is NOT NULL.
+    int64 for row_hash and id. Every column read here is NOT NULL."""
+    return read_table_columns(conn, ROSTER_TABLES[entity], district_id, names)
+
+
+def read_table_columns(
+    conn: Connection,
+    table: sa.Table,
+    district_id: str,
+    names: Sequence[str],
+    *,
+    where: tuple[str, Sequence[str]] | None = None,
+) -> pd.DataFrame:
+    """:func:`read_columns` of any district table, optionally only rows whose column
+    ``where[0]`` is one of ``where[1]`` (read in chunks of ids).
 
     Millions of rows go through neither SQLAlchemy rows nor per-value pandas boxing: PostgreSQL
     streams them as CSV (COPY) into pyarrow's parser; SQLite's cursor tuples become pyarrow arrays
     chunk by chunk.
     """
-    table = ROSTER_TABLES[entity]
     unknown = [name for name in names if name not in table.c]
+    if where is not None and where[0] not in table.c:
+        unknown.append(where[0])
     if unknown:  # names are interpolated into SQL below: only the table's own columns
         raise ValueError(f"{table.name} has no column(s) {unknown}")
     types = {name: pa.int64() if name in _INTEGER_COLUMNS else pa.large_string() for name in names}
     columns = ", ".join(names)
     raw = conn.connection.driver_connection
-    if conn.dialect.name == "postgresql":
+    mark = _placeholder(conn)
+    if where is not None:
+        column, values = where
+        wanted = list(dict.fromkeys(values))
+        parts = []
+        for chunk in _chunks(wanted, 900):
+            marks = ", ".join(mark for _ in chunk)
+            sql = (
+                f"SELECT {columns} FROM {table.name} WHERE district_id = {mark} "
+                f"AND {column} IN ({marks})"
+            )
+            parts.append(_fetch_columns(raw, sql, (district_id, *chunk), types))
+        arrays = {
+            name: pa.chunked_array(
+                [c for part in parts for c in part[name].chunks], type=type_
+            )
+            for name, type_ in types.items()
+        }
+    elif conn.dialect.name == "postgresql":
         arrays = _copy_columns(raw, table.name, columns, district_id, types)
     else:
         # Not the (district_id, sourced_id) index: one lookup per row in sourcedId order costs
         # several times a scan of the table in storage order (a store holds few districts).
         hint = " NOT INDEXED" if conn.dialect.name == "sqlite" else ""
-        sql = f"SELECT {columns} FROM {table.name}{hint} WHERE district_id = {_placeholder(conn)}"
+        sql = f"SELECT {columns} FROM {table.name}{hint} WHERE district_id = {mark}"
         arrays = _fetch_columns(raw, sql, (district_id,), types)
     frame = pa.table(arrays).to_pandas()
     for name in names:
@@ -389,12 +421,14 @@ def _fetch_columns(
     raw: Any, sql: str, params: tuple[Any, ...], types: dict[str, pa.DataType]
 ) -> dict[str, pa.ChunkedArray]:
     chunks: dict[str, list[pa.Array]] = {name: [] for name in types}
+    # pyarrow converts the row tuples as structs in one pass (no per-column transposition).
+    row_type = pa.struct([(name, type_) for name, type_ in types.items()])
     cursor = raw.cursor()
     try:
         cursor.execute(sql, params)
         while rows := cursor.fetchmany(_FETCH_ROWS):
-            for (name, type_), values in zip(types.items(), zip(*rows, strict=True), strict=True):
-                chunks[name].append(pa.array(values, type=type_))
+            for name, values in zip(types, pa.array(rows, type=row_type).flatten(), strict=True):
+                chunks[name].append(values)
     finally:
         cursor.close()
     return {name: pa.chunked_array(chunks[name], type=type_) for name, type_ in types.items()}
@@ -503,27 +537,37 @@ def execute_many(conn: Connection, sql: str, rows: Iterable[tuple[Any, ...]]) ->
     return total
 
 
+_INSERT_BATCH = 50_000
+
+
 def insert_frame(conn: Connection, table: str, frame: pd.DataFrame) -> int:
-    """Bulk insert of a frame whose columns are the target columns: on PostgreSQL one COPY of
-    the frame written as CSV by pyarrow (no per-row Python), elsewhere batched executemany."""
+    """Bulk insert of a frame whose columns are the target columns, in batches (bounded memory):
+    on PostgreSQL COPY of the frame written as CSV by pyarrow (no per-row Python), elsewhere
+    executemany."""
     if frame.empty:
         return 0
+    columns = list(frame.columns)
     if conn.dialect.name != "postgresql":
-        return copy_rows(conn, table, list(frame.columns), _rows(frame, list(frame.columns)))
-    buffer = io.BytesIO()
-    pa_csv.write_csv(
-        pa.Table.from_pandas(frame, preserve_index=False),
-        buffer,
-        # Every string quoted, so an empty string stays '' (unquoted empty is NULL to COPY).
-        pa_csv.WriteOptions(include_header=False, quoting_style="needed"),
-    )
+        marks = ", ".join("?" for _ in columns)
+        statement = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+        statement = statement.replace("?", _placeholder(conn))
+        for start in range(0, len(frame), _INSERT_BATCH):
+            conn.exec_driver_sql(statement, _rows(frame.iloc[start : start + _INSERT_BATCH], columns))
+        return len(frame)
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    statement = f"COPY {table} ({', '.join(frame.columns)}) FROM STDIN WITH (FORMAT csv)"
+    statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
     with cursor.copy(statement) as copy:
-        view = buffer.getbuffer()
-        for start in range(0, len(view), 1 << 22):
-            copy.write(view[start : start + (1 << 22)])
-        view.release()
+        for start in range(0, len(frame), 10 * _INSERT_BATCH):
+            buffer = io.BytesIO()
+            pa_csv.write_csv(
+                pa.Table.from_pandas(
+                    frame.iloc[start : start + 10 * _INSERT_BATCH], preserve_index=False
+                ),
+                buffer,
+                # Strings are always quoted, so '' stays '' (unquoted empty is NULL to COPY).
+                pa_csv.WriteOptions(include_header=False, quoting_style="needed"),
+            )
+            copy.write(buffer.getbuffer())
     return len(frame)
 
 
