@@ -7,6 +7,7 @@ delivery before anything is applied.
 """
 
 import shutil
+import time
 from collections.abc import Iterator
 
 import dagster as dg
@@ -27,6 +28,7 @@ TRIGGER_TAG = "capti/trigger"
 DRY_RUN_TAG = "capti/dry_run"
 IMPORT_REQUEST_TAG = "capti/import_request"
 _OWNERS = ["team:roster-sync"]
+_LEFTOVER_AGE_S = 6 * 3600
 
 
 def _trigger(context: dg.AssetExecutionContext) -> str:
@@ -160,8 +162,10 @@ def oneroster_delivery(
 def _prune_landings(root, keep: int) -> None:
     """Keep the newest `keep` landing copies of a district (they hold personal data), and drop
     leftovers of downloads interrupted by a killed process."""
+    stale = time.time() - _LEFTOVER_AGE_S  # never a concurrent run's download in progress
     for leftover in root.glob(".*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.stat().st_mtime < stale:
+            shutil.rmtree(leftover, ignore_errors=True)
     copies = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     for old in copies[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

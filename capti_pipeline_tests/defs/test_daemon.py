@@ -13,7 +13,8 @@ import pytest
 from capti_pipeline.lib import operations
 from capti_pipeline.lib import store as st
 from capti_pipeline.resources import store_engine
-from capti_pipeline_tests.defs.conftest import EDFI, PROJECT_ROOT, VENV_BIN, ProjectHome
+from capti_pipeline_tests.defs.conftest import PROJECT_ROOT, VENV_BIN, ProjectHome
+from capti_pipeline_tests.support.harness import EDFI
 
 # daemon start → sensor tick → queued → launched → finished (override on a slow CI machine)
 RUN_WAIT_S = float(os.environ.get("CAPTI_TEST_DAEMON_WAIT_S", "90"))

@@ -19,8 +19,7 @@ from capti_pipeline.lib.generator import (
     rename_users,
     write_delivery,
 )
-from capti_pipeline_tests.defs.conftest import EDFI
-from capti_pipeline_tests.support.harness import CaptiEnv
+from capti_pipeline_tests.support.harness import EDFI, CaptiEnv
 
 Cli = Callable[..., tuple[int, str]]
 Status = Callable[..., Any]

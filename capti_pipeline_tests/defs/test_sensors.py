@@ -18,12 +18,11 @@ from capti_pipeline.defs.sensors import (
 from capti_pipeline.lib import operations, sync
 from capti_pipeline.lib import store as st
 from capti_pipeline_tests.defs.conftest import (
-    EDFI,
     apply_partition_requests,
     run_requests,
     sensor_resources,
 )
-from capti_pipeline_tests.support.harness import CaptiEnv
+from capti_pipeline_tests.support.harness import EDFI, CaptiEnv
 
 Cli = Callable[..., tuple[int, str]]
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}

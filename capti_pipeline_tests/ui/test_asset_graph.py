@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from capti_pipeline_tests.defs.conftest import EDFI, PROJECT_ROOT, VENV_BIN
-from capti_pipeline_tests.support.harness import CaptiEnv
+from capti_pipeline_tests.defs.conftest import PROJECT_ROOT, VENV_BIN
+from capti_pipeline_tests.support.harness import EDFI, CaptiEnv
 
 ASSETS = [
     "oneroster_delivery",
