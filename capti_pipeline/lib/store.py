@@ -397,9 +397,7 @@ def read_table_columns(
             )
             parts.append(_fetch_columns(raw, sql, (district_id, *chunk), types))
         arrays = {
-            name: pa.chunked_array(
-                [c for part in parts for c in part[name].chunks], type=type_
-            )
+            name: pa.chunked_array([c for part in parts for c in part[name].chunks], type=type_)
             for name, type_ in types.items()
         }
     elif conn.dialect.name == "postgresql":
@@ -552,7 +550,9 @@ def insert_frame(conn: Connection, table: str, frame: pd.DataFrame) -> int:
         statement = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
         statement = statement.replace("?", _placeholder(conn))
         for start in range(0, len(frame), _INSERT_BATCH):
-            conn.exec_driver_sql(statement, _rows(frame.iloc[start : start + _INSERT_BATCH], columns))
+            conn.exec_driver_sql(
+                statement, _rows(frame.iloc[start : start + _INSERT_BATCH], columns)
+            )
         return len(frame)
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
@@ -569,20 +569,6 @@ def insert_frame(conn: Connection, table: str, frame: pd.DataFrame) -> int:
             )
             copy.write(buffer.getbuffer())
     return len(frame)
-
-
-def copy_rows(conn: Connection, table: str, columns: Sequence[str], rows: list[tuple]) -> int:
-    """Bulk insert: COPY on PostgreSQL, batched executemany elsewhere."""
-    if not rows:
-        return 0
-    if conn.dialect.name == "postgresql":
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-        return len(rows)
-    marks = ", ".join("?" for _ in columns)
-    return execute_many(conn, f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
 
 
 def claim_roster_version(conn: Connection, district_id: str, base_version: int) -> int:
@@ -735,10 +721,8 @@ def list_runs(
     return [_run_from_row(row) for row in conn.execute(query)]
 
 
-def latest_run(conn: Connection, district_id: str, *, states: Sequence[str] | None = None) -> RunRecord | None:
+def latest_run(
+    conn: Connection, district_id: str, *, states: Sequence[str] | None = None
+) -> RunRecord | None:
     runs = list_runs(conn, district_id, states=states, limit=1)
     return runs[0] if runs else None
-
-
-def now() -> datetime:
-    return _now()

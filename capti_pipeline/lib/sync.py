@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -15,7 +14,6 @@ from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.apply import AppliedChanges, apply_plan, undo_plan
 from capti_pipeline.lib.diff import Plan, compute_plan, filter_adds_only
-from capti_pipeline.lib.issues import Issue
 from capti_pipeline.lib.resolve import ROLE_LABELS, ResolvedRoster, resolve_roster
 from capti_pipeline.lib.safety import Hold, check_completeness, check_thresholds
 from capti_pipeline.lib.validate import KnownRecords, ValidatedDelivery, validate_delivery
@@ -73,14 +71,6 @@ def plan_sync(engine: Engine, district_id: str, roster: ResolvedRoster) -> Plann
     shrink = float(district.thresholds.get("shrink_percent", 50.0))
     holds += check_completeness(roster.rows_read, roster.file_modes, last_rows, shrink)
     return PlannedSync(plan, holds, skipped)
-
-
-def all_issues(*sources: Any) -> list[Issue]:
-    issues: list[Issue] = []
-    for source in sources:
-        if source is not None:
-            issues.extend(source.issues)
-    return issues
 
 
 def apply_in_transaction(engine: Engine, plan: Plan, run_id: str) -> AppliedChanges:
@@ -291,7 +281,3 @@ def snapshot(engine: Engine, district_id: str) -> dict[str, Any]:
             for r in enrollments.itertuples(index=False)
         ],
     }
-
-
-def frame_counts(frames: dict[str, pd.DataFrame]) -> dict[str, int]:
-    return {name: len(frame) for name, frame in frames.items()}

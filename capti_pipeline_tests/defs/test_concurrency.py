@@ -4,17 +4,19 @@ per-district version claim, exercised with real concurrent `capti-sync run` proc
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import sqlalchemy as sa
+import yaml
 
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib import sync
 from capti_pipeline.lib.generator import DistrictSpec, generate_district, write_delivery
 from capti_pipeline.resources import store_engine
-from capti_pipeline_tests.defs.conftest import PROJECT_ROOT, ProjectHome
+from capti_pipeline_tests.defs.conftest import PROJECT_ROOT, ProjectHome, make_project_home
 from capti_pipeline_tests.support.harness import CaptiEnv, snapshot_without_ids
 
 STUDENTS = 3000  # big enough that two runs overlap (several seconds each)
@@ -46,15 +48,32 @@ def test_project_dagster_yaml_loads_with_one_run_per_district(tmp_path: Path) ->
         assert instance.run_monitoring_max_runtime_seconds > 0  # a hung run ends, eventually
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def concurrent_home(request: pytest.FixtureRequest, tmp_path: Path) -> ProjectHome:
+    """A deployed-like home on the SQLite default, or with the roster store AND the Dagster
+    instance on the throwaway PostgreSQL cluster."""
+    home = make_project_home(tmp_path / "deployed")
+    if request.param == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        suffix = uuid.uuid4().hex[:10]
+        home.env["CAPTI_DATABASE_URL"] = server.create_database(f"roster_{suffix}")
+        server.create_database(f"dagster_{suffix}")
+        config_path = home.dagster_home / "dagster.yaml"
+        config = yaml.safe_load(config_path.read_text())
+        config["storage"] = server.dagster_storage_config(f"dagster_{suffix}")
+        config_path.write_text(yaml.safe_dump(config))
+    return home
+
+
 def _snapshot(home: ProjectHome) -> dict:
     return sync.snapshot(store_engine(home.database_url), "big")
 
 
 @pytest.mark.slow
 def test_two_concurrent_cli_runs_of_one_district(
-    project_home: ProjectHome, big_delivery: Path, capti_env: CaptiEnv
+    concurrent_home: ProjectHome, big_delivery: Path, capti_env: CaptiEnv
 ) -> None:
-    home = project_home
+    home = concurrent_home
     assert home.cli("district", "add", "big", "--source", str(big_delivery)).returncode == 0
     first, second = home.popen_cli("run", "big"), home.popen_cli("run", "big")
     outputs = []
