@@ -443,14 +443,9 @@ _PHASE_LABELS = {"first": "first import", "nochange": "no-change nightly", "chan
 
 
 def steps_table(results: list[dict[str, Any]]) -> str:
-    steps = (
-        "oneroster_delivery",
-        "validated_oneroster_frames",
-        "resolved_roster",
-        "roster_diff",
-        "applied_roster_changes",
-        "sync_report",
-    )
+    from capti_pipeline.defs.assets import roster_sync_assets  # heavy: only when rendering
+
+    steps = tuple(asset.key.to_user_string() for asset in roster_sync_assets)
     lines = [
         "| database | students | phase | " + " | ".join(steps) + " |",
         "|---|---:|---|" + "---:|" * len(steps),

@@ -55,7 +55,9 @@ def test_blocking_checks():
 
 
 def test_defs_modules_use_no_deprecated_dagster_api():
-    modules = [m.name for m in pkgutil.walk_packages(capti_pipeline.defs.__path__, "capti_pipeline.defs.")]
+    modules = [
+        m.name for m in pkgutil.walk_packages(capti_pipeline.defs.__path__, "capti_pipeline.defs.")
+    ]
     assert modules
     for name in modules:
         sys.modules.pop(name, None)

@@ -136,9 +136,7 @@ def _rewrite_memberships(
     wanted = _wanted_memberships(district_id, user_changes, ledger.get("users"))
     affected = user_changes["sourcedId"].astype("str")
     if len(affected) > 200_000:  # a first import: one scan beats that many lookups
-        existing = st.read_table_columns(
-            conn, st.memberships, district_id, _MEMBERSHIP_COLUMNS[1:]
-        )
+        existing = st.read_table_columns(conn, st.memberships, district_id, _MEMBERSHIP_COLUMNS[1:])
         existing = existing[isin(existing["user_sourced_id"], affected)]
     else:
         existing = st.read_table_columns(

@@ -272,7 +272,8 @@ class SourceFolder(Protocol):
     def close(self) -> None: ...
 
 
-def _kind_from_mode(mode: int | None) -> str:
+def kind_from_mode(mode: int | None) -> str:
+    """A listing entry's kind from its st_mode (local stat or SFTP attributes alike)."""
     if mode is None:
         return "file"
     if stat.S_ISREG(mode):
@@ -301,7 +302,7 @@ class LocalFolder:
                     except FileNotFoundError:
                         continue  # vanished between readdir and stat; the next listing decides
                     entries.append(
-                        RemoteEntry(de.name, st.st_size, st.st_mtime, _kind_from_mode(st.st_mode))
+                        RemoteEntry(de.name, st.st_size, st.st_mtime, kind_from_mode(st.st_mode))
                     )
                 return entries
         except FileNotFoundError:
@@ -322,7 +323,7 @@ class LocalFolder:
             ) from None
         except OSError as exc:
             raise TransientSourceError(f"cannot stat {name} in {self.path}: {exc}") from exc
-        return RemoteEntry(name, st.st_size, st.st_mtime, _kind_from_mode(st.st_mode))
+        return RemoteEntry(name, st.st_size, st.st_mtime, kind_from_mode(st.st_mode))
 
     def fetch(self, name: str, fh: BinaryIO) -> int:
         src_path = os.path.join(self.path, name)

@@ -105,7 +105,9 @@ def resolve_roster(
     # Resolution may reject more rows (duplicate usernames); never mutate the caller's delivery.
     delivery = replace(delivery, protected={k: set(v) for k, v in delivery.protected.items()})
     frames = delivery.frames
-    modes = {entity: delivery.modes.get(ENTITY_SOURCE_FILE[entity], "absent") for entity in ENTITIES}
+    modes = {
+        entity: delivery.modes.get(ENTITY_SOURCE_FILE[entity], "absent") for entity in ENTITIES
+    }
     removals: dict[str, set[str]] = {entity: set() for entity in ENTITIES}
 
     org_types = dict(known_org_types or {})
@@ -274,7 +276,9 @@ def _normalise_list_cell(value: str) -> str:
     return ",".join(_split_list(value))
 
 
-def _org_memberships(org_lists: pd.Series, org_types: dict[str, str]) -> tuple[pd.Series, pd.Series]:
+def _org_memberships(
+    org_lists: pd.Series, org_types: dict[str, str]
+) -> tuple[pd.Series, pd.Series]:
     """Per user: sorted school ids (comma-joined) and whether one of the orgs is a district."""
     single = ~org_lists.str.contains(",", regex=False)
     types = org_lists[single].map(org_types)
@@ -340,7 +344,11 @@ def _resolve_classes(classes: pd.DataFrame | None) -> tuple[pd.DataFrame, set[st
     removals = set(classes["sourcedId"][classes["status"].eq("tobedeleted")])
     live = classes[classes["status"].ne("tobedeleted")]
     frame = pd.DataFrame(
-        {"sourcedId": live["sourcedId"], "title": live["title"], "location": live["schoolSourcedId"]}
+        {
+            "sourcedId": live["sourcedId"],
+            "title": live["title"],
+            "location": live["schoolSourcedId"],
+        }
     )
     return frame.reset_index(drop=True), removals
 

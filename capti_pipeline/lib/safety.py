@@ -33,7 +33,9 @@ class Hold:
         return asdict(self)
 
 
-def effective_thresholds(overrides: dict[str, Any] | None) -> dict[str, dict[str, dict[str, float]]]:
+def effective_thresholds(
+    overrides: dict[str, Any] | None,
+) -> dict[str, dict[str, dict[str, float]]]:
     """Defaults, then the district's `*` entries, then its per-entity entries."""
     merged: dict[str, dict[str, dict[str, float]]] = {}
     layers = [DEFAULT_THRESHOLDS, overrides or {}]

@@ -26,6 +26,7 @@ from capti_pipeline.lib.intake import (
     RemoteEntry,
     SourceSpec,
     TransientSourceError,
+    kind_from_mode,
 )
 
 PREFETCH_MAX_REQUESTS = 64  # OpenSSH's own client caps outstanding reads at 64 (paramiko #1788)
@@ -57,24 +58,12 @@ class _RecordingRejectPolicy(paramiko.RejectPolicy):
         super().missing_host_key(client, hostname, key)
 
 
-def _kind(mode: int | None) -> str:
-    if mode is None:
-        return "file"
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    return "other"
-
-
 def _entry(name: str, attrs: paramiko.SFTPAttributes) -> RemoteEntry:
     return RemoteEntry(
         name=name,
         size=int(attrs.st_size or 0),
         mtime=float(attrs.st_mtime or 0),
-        kind=_kind(attrs.st_mode),
+        kind=kind_from_mode(attrs.st_mode),
     )
 
 

@@ -33,7 +33,9 @@ def receiver() -> Iterator[tuple[str, list[dict]]]:
     server.shutdown()
 
 
-def test_refused_and_held_runs_are_notified(capti_env: CaptiEnv, receiver, monkeypatch, tmp_path: Path):
+def test_refused_and_held_runs_are_notified(
+    capti_env: CaptiEnv, receiver, monkeypatch, tmp_path: Path
+):
     url, received = receiver
     monkeypatch.setenv("CAPTI_WEBHOOK_URL", url)
     monkeypatch.setenv("CAPTI_UI_BASE_URL", "http://dagster.example:3000")

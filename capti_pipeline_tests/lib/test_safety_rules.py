@@ -10,7 +10,9 @@ BULK = {f: "bulk" for f in LAST}
 
 def plan_with(entity: str, action: str, count: int) -> Plan:
     changes = {e: empty_changes(e) for e in ENTITIES}
-    changes[entity] = pd.DataFrame({"action": [action] * count, "sourcedId": [f"x{i}" for i in range(count)]})
+    changes[entity] = pd.DataFrame(
+        {"action": [action] * count, "sourcedId": [f"x{i}" for i in range(count)]}
+    )
     return Plan("d", 1, changes)
 
 
@@ -26,11 +28,15 @@ def test_default_thresholds_hold_over_ten_percent_archives_and_75_percent_update
 
 
 def test_district_overrides_layer_over_defaults():
-    limits = effective_thresholds({"*": {"create": {"count": 5}}, "users": {"archive": {"percent": 2}}})
+    limits = effective_thresholds(
+        {"*": {"create": {"count": 5}}, "users": {"archive": {"percent": 2}}}
+    )
     assert limits["users"]["archive"] == {"percent": 2}
     assert limits["classes"]["archive"] == {"percent": 10.0}
     assert limits["enrollments"]["create"] == {"count": 5}
-    held = check_thresholds(plan_with("classes", "create", 6), {"classes": 100}, {"*": {"create": {"count": 5}}})
+    held = check_thresholds(
+        plan_with("classes", "create", 6), {"classes": 100}, {"*": {"create": {"count": 5}}}
+    )
     assert held[0].limit == "5 records"
 
 
@@ -45,5 +51,10 @@ def test_completeness_holds_a_bulk_snapshot_missing_a_file_or_shrunk():
 
 
 def test_a_delta_package_may_leave_files_absent():
-    modes = {"orgs.csv": "absent", "users.csv": "delta", "classes.csv": "absent", "enrollments.csv": "delta"}
+    modes = {
+        "orgs.csv": "absent",
+        "users.csv": "delta",
+        "classes.csv": "absent",
+        "enrollments.csv": "delta",
+    }
     assert check_completeness({"users.csv": 3, "enrollments.csv": 2}, modes, LAST) == []
