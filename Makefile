@@ -36,6 +36,7 @@ system-deps:
 	bash .ci/system-deps.sh
 
 test: install system-deps
+	$(BIN)/ruff check .
 	$(BIN)/pytest -n 2 --timeout 600
 
 test-fast: install
