@@ -124,9 +124,9 @@ def oneroster_delivery(
         return
     except intake.TransientSourceError as exc:
         context.log.warning(f"transient source error, will retry: {exc}")
-        raise dg.RetryRequested(
-            max_retries=3, seconds_to_wait=delivery_storage.retry_wait_s
-        ) from exc
+        # Exponential backoff: 30 s, 60 s, 120 s by default.
+        wait = delivery_storage.retry_wait_s * 2**context.retry_number
+        raise dg.RetryRequested(max_retries=3, seconds_to_wait=wait) from exc
     except intake.DeliveryRefused as exc:
         report = rp.build_report(
             district_id=district_id, run_id=run_id, state=rp.REFUSED, issues=[], reason=str(exc)
