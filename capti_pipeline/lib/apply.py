@@ -10,6 +10,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from capti_pipeline.lib import state
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.diff import Plan
 from capti_pipeline.lib.failpoints import failpoint
@@ -31,6 +32,7 @@ class AppliedChanges:
 def apply_plan(conn: Connection, plan: Plan, run_id: str) -> AppliedChanges:
     """Write the plan; raises StalePlanError (nothing written) if the roster moved meanwhile."""
     version = st.claim_roster_version(conn, plan.district_id, plan.base_version)
+    snapshot_base = state.base_for_apply(conn, plan.district_id, plan.base_version)
     ledger = _ledger(conn, plan)
     written = 0
     for entity in ENTITIES:
@@ -41,6 +43,7 @@ def apply_plan(conn: Connection, plan: Plan, run_id: str) -> AppliedChanges:
         failpoint(f"apply:after-{entity}")
     written += _rewrite_memberships(conn, plan.district_id, plan.changes.get("users"), ledger)
     st.save_payload(conn, run_id, "ledger", ledger)
+    state.record_apply(conn, plan.district_id, version, plan.changes, snapshot_base)
     return AppliedChanges(run_id, version, written, plan.counts())
 
 
@@ -56,6 +59,8 @@ def _ledger(conn: Connection, plan: Plan) -> dict[str, pd.DataFrame]:
         existing = changes[~changes["action"].eq("create")]
         before = st.read_full_rows(conn, plan.district_id, entity, existing["sourcedId"].tolist())
         before = before.drop(columns=["id"], errors="ignore")
+        # Nullable Int64: created rows (no before-image) must not turn 63-bit hashes into floats.
+        before["row_hash"] = before["row_hash"].astype("Int64")
         action_of = dict(zip(existing["sourcedId"], existing["action"], strict=True))
         before.insert(0, "action", before["sourced_id"].map(action_of))
         created = changes[changes["action"].eq("create")]

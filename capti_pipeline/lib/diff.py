@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from capti_pipeline.lib.fastops import isin
 from capti_pipeline.lib.issues import WARNING, Issue
 from capti_pipeline.lib.resolve import ENTITIES, VALUE_COLUMNS, ResolvedRoster
-from capti_pipeline.lib.store import StoreState
+from capti_pipeline.lib.state import StoreState
 
 ACTIONS = ("create", "update", "archive", "restore")
 UNDO_ACTIONS = ("revert", "delete")

@@ -134,6 +134,28 @@ run_payloads = sa.Table(
     sa.Column("entity", sa.String(32), primary_key=True),
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
+# The roster state the diff needs, as Parquet snapshots written by every apply in its own
+# transaction (lib/state.py): a full image per entity and delta layers since it, split in parts.
+state_layers = sa.Table(
+    "state_layers",
+    metadata,
+    sa.Column("district_id", sa.String(128), primary_key=True),
+    sa.Column("roster_version", sa.Integer, primary_key=True),
+    sa.Column("entity", sa.String(32), primary_key=True),
+    sa.Column("part", sa.Integer, primary_key=True),
+    sa.Column("kind", sa.String(8), nullable=False),  # full | delta
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+state_heads = sa.Table(
+    "state_heads",
+    metadata,
+    sa.Column("district_id", sa.String(128), primary_key=True),
+    sa.Column("roster_version", sa.Integer, nullable=False),  # the version the layers reach
+    sa.Column("full_version", sa.Integer, nullable=False),
+    sa.Column("full_rows", sa.Integer, nullable=False),
+    sa.Column("delta_rows", sa.Integer, nullable=False),
+)
 import_requests = sa.Table(
     "import_requests",
     metadata,
@@ -227,6 +249,10 @@ def migrate(engine: Engine) -> None:
     """Create the schema (idempotent) and record its version."""
     metadata.create_all(engine)
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Parquet blobs are compressed already: skip TOAST's compression attempt.
+            for table in ("state_layers", "run_payloads"):
+                conn.exec_driver_sql(f"ALTER TABLE {table} ALTER COLUMN data SET STORAGE EXTERNAL")
         current = conn.execute(sa.select(schema_info.c.version)).scalar()
         if current is None:
             conn.execute(schema_info.insert().values(id=1, version=SCHEMA_VERSION))
@@ -300,53 +326,6 @@ def set_district_state(conn: Connection, district_id: str, state: str, detail: s
 
 # ---------------------------------------------------------------------------------------------
 # Reading the roster
-
-
-@dataclass
-class StoreState:
-    """The live roster of one district as frames keyed by sourcedId, plus its version."""
-
-    version: int
-    frames: dict[str, pd.DataFrame]
-
-    def active_count(self, entity: str) -> int:
-        frame = self.frames[entity]
-        return int(frame["status"].eq("active").sum())
-
-
-_STATE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "locations": ("type",),
-    "users": ("id", "username", "email", "identifier", "locations"),
-    "classes": ("location",),
-    "enrollments": ("class_sourced_id", "user_sourced_id"),
-}
-_STATE_RENAMES = {
-    "sourced_id": "sourcedId",
-    "class_sourced_id": "class",
-    "user_sourced_id": "user",
-    "id": "account_id",
-}
-
-
-def load_state(conn: Connection, district_id: str) -> StoreState:
-    """What the diff needs: ids, status and row hash (plus identity fields for users)."""
-    version = conn.execute(
-        sa.select(districts.c.roster_version).where(districts.c.id == district_id)
-    ).scalar()
-    if version is None:
-        raise UnknownDistrictError(f"district {district_id!r} is not registered")
-    frames: dict[str, pd.DataFrame] = {}
-    for entity in ROSTER_TABLES:
-        names = ("sourced_id", "status", "row_hash", *_STATE_COLUMNS[entity])
-        frame = read_columns(conn, entity, district_id, names)
-        frames[entity] = frame.rename(columns=_STATE_RENAMES)
-    return StoreState(int(version), frames)
-
-
-def active_ids(conn: Connection, district_id: str, entity: str) -> set[str]:
-    """sourcedIds of the district's active records of one entity."""
-    frame = read_columns(conn, entity, district_id, ("sourced_id", "status"))
-    return set(frame["sourced_id"][frame["status"].eq("active")].tolist())
 
 
 _INTEGER_COLUMNS = ("row_hash", "id")

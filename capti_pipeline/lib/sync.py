@@ -3,6 +3,7 @@
 read → validate → resolve → diff → (safety) → apply → report. Nothing here knows about Dagster.
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from capti_pipeline.lib.apply import AppliedChanges, apply_plan, undo_plan
 from capti_pipeline.lib.diff import Plan, compute_plan, filter_adds_only
 from capti_pipeline.lib.resolve import ROLE_LABELS, ResolvedRoster, resolve_roster
 from capti_pipeline.lib.safety import Hold, check_completeness, check_thresholds
+from capti_pipeline.lib.state import StoreState, load_state
 from capti_pipeline.lib.validate import KnownRecords, ValidatedDelivery, validate_delivery
 
 
@@ -24,12 +26,37 @@ def validate_landed_delivery(
 ) -> ValidatedDelivery:
     with engine.connect() as conn:
         org_types = st.known_org_types(conn, district_id)
-        # Only the ids references may point at (not the whole roster state: the enrollments
-        # alone are millions of rows in a big district).
-        users = st.active_ids(conn, district_id, "users")
-        classes = st.active_ids(conn, district_id, "classes")
-    known = KnownRecords(org_types=org_types, users=users, classes=classes)
+    stored = _LazyState(engine, district_id)
+    known = KnownRecords(
+        org_types=org_types, users=stored.active_ids("users"), classes=stored.active_ids("classes")
+    )
     return validate_delivery(directory, known)
+
+
+class _LazyState:
+    """The stored state, read only if validation asks for it: references in delta (or absent)
+    files may point at stored records; a bulk delivery never needs them."""
+
+    def __init__(self, engine: Engine, district_id: str):
+        self._engine, self._district_id = engine, district_id
+        self._state: StoreState | None = None
+
+    def active_ids(self, entity: str) -> "_LazyIds":
+        return _LazyIds(self, entity)
+
+    def get(self) -> StoreState:
+        if self._state is None:
+            with self._engine.connect() as conn:
+                self._state = load_state(conn, self._district_id)
+        return self._state
+
+
+class _LazyIds:
+    def __init__(self, state: _LazyState, entity: str):
+        self._state, self._entity = state, entity
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state.get().active_ids(self._entity).tolist())
 
 
 def resolve_delivery(
@@ -50,7 +77,7 @@ class PlannedSync:
 def plan_sync(engine: Engine, district_id: str, roster: ResolvedRoster) -> PlannedSync:
     with engine.connect() as conn:
         district = st.get_district(conn, district_id)
-        state = st.load_state(conn, district_id)
+        state = load_state(conn, district_id)
         allowed = set(
             conn.execute(
                 sa.select(st.duplicate_decisions.c.sourced_id).where(

@@ -15,6 +15,7 @@ from capti_pipeline.lib.generator import (
     write_delivery,
 )
 from capti_pipeline_tests.support.harness import CaptiEnv, snapshot_without_ids
+from capti_pipeline_tests.support.state_check import assert_snapshot_matches_tables
 
 SPEC = DistrictSpec(district_id="gen", students=300, students_per_school=100, seed=11)
 
@@ -153,6 +154,9 @@ def test_nightly_changes_archive_move_rename_and_restore(first_night):
     for sourced_id in leavers:
         assert restored[sourced_id]["status"] == "active"
         assert restored[sourced_id]["accountId"] == before_users[sourced_id]["accountId"]
+
+    # After three applies the recorded state snapshot still equals the tables.
+    assert_snapshot_matches_tables(env.engine(), "gen")
 
     # The same delivery again changes nothing and says so.
     snapshot = env.snapshot("gen")

@@ -16,6 +16,7 @@ from capti_pipeline.lib.generator import (
     remove_students,
     write_delivery,
 )
+from capti_pipeline_tests.support.state_check import assert_snapshot_matches_tables
 
 pytestmark = pytest.mark.postgres
 
@@ -65,6 +66,7 @@ def test_full_sync_on_postgres(pg_env, tmp_path: Path):
     assert second.report["counts"]["users"]["archive"] == len(leavers)
     third = service.run_district_sync("pg", instance=instance)
     assert third.state == "no_changes"
+    assert_snapshot_matches_tables(engine, "pg")
 
     # The run is in the PostgreSQL-backed Dagster instance, with its partition.
     runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": "pg"}))

@@ -18,6 +18,7 @@ from capti_pipeline.lib.generator import (
     write_delivery,
 )
 from capti_pipeline_tests.support.harness import CaptiEnv
+from capti_pipeline_tests.support.state_check import assert_snapshot_matches_tables
 
 SPEC = DistrictSpec(district_id="safe", students=240, students_per_school=80, seed=3)
 
@@ -192,6 +193,12 @@ def test_undo_of_the_latest_run_gives_back_the_previous_snapshot(imported, capsy
     code, out = cli_out(capsys, "report", "safe", "--format", "json")
     report = json.loads(out)
     assert report["reverted_runs"] == [second.run_id]
+    # Undo restores the stored row hashes exactly (and the state snapshot with them): the
+    # delivery the roster was undone to is, again, no change at all.
+    assert_snapshot_matches_tables(env.engine(), "safe")
+    deliver(env, district)
+    again = env.run("safe")
+    assert again.state == "no_changes", again.report
 
 
 def test_returning_student_with_new_sourced_id_is_flagged_not_duplicated(imported, capsys):

@@ -12,11 +12,14 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as strat
 
+from capti_pipeline.lib import state as state_mod
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.apply import apply_plan
 from capti_pipeline.lib.diff import compute_plan
 from capti_pipeline.lib.resolve import resolve_roster
+from capti_pipeline.lib.state import load_state
 from capti_pipeline.lib.validate import ValidatedDelivery
+from capti_pipeline_tests.support.state_check import assert_snapshot_matches_tables
 
 SCHOOLS = ["s1", "s2", "s3"]
 USER_POOL = [f"u{n}" for n in range(12)]
@@ -189,7 +192,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory):
 def sync_once(engine, district_id: str, delivery: dict):
     roster = resolve_roster(as_validated(delivery))
     with engine.connect() as conn:
-        state = st.load_state(conn, district_id)
+        state = load_state(conn, district_id)
     plan = compute_plan(district_id, roster, state)
     with engine.begin() as conn:
         apply_plan(conn, plan, f"run-{next(_counter)}")
@@ -203,7 +206,13 @@ def sync_once(engine, district_id: str, delivery: dict):
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 @given(deliveries=strat.lists(delivery_strategy, min_size=1, max_size=4))
-def test_applying_the_diff_makes_the_store_equal_the_delivery(engine, deliveries):
+@pytest.mark.parametrize("compact_below", [None, 0], ids=["delta-layers", "always-compact"])
+def test_applying_the_diff_makes_the_store_equal_the_delivery(
+    engine, deliveries, compact_below, monkeypatch
+):
+    if compact_below is not None:  # every apply rewrites the full snapshot
+        monkeypatch.setattr(state_mod, "COMPACT_FRACTION", 0.0)
+        monkeypatch.setattr(state_mod, "_COMPACT_MIN_ROWS", compact_below)
     district_id = f"prop-{next(_counter)}"
     with engine.begin() as conn:
         st.upsert_district(conn, district_id, source_url="/nowhere")
@@ -213,13 +222,13 @@ def test_applying_the_diff_makes_the_store_equal_the_delivery(engine, deliveries
         assert active_roster(engine, district_id) == expected_roster(roster)
 
         # A second diff of the same delivery is empty.
+        state = assert_snapshot_matches_tables(engine, district_id)
         with engine.connect() as conn:
-            state = st.load_state(conn, district_id)
+            users = st.read_full_rows(conn, district_id, "users")
         assert compute_plan(district_id, roster, state).is_empty()
 
         # Every sourcedId keeps the account it first got, through archive and restore.
-        users = state.frames["users"]
-        for sourced_id, account in zip(users["sourcedId"], users["account_id"], strict=True):
+        for sourced_id, account in zip(users["sourced_id"], users["id"], strict=True):
             assert accounts.setdefault(sourced_id, int(account)) == int(account)
-        gone = set(users["sourcedId"][users["status"].eq("archived")])
+        gone = set(users["sourced_id"][users["status"].eq("archived")])
         assert gone == set(accounts) - set(roster.frames["users"]["sourcedId"])

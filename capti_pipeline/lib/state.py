@@ -1,0 +1,358 @@
+"""The live roster state a delivery is compared with: per entity the sourcedIds, status and row
+hash, plus the few fields deletion scope and duplicate checks need.
+
+Scanning the roster tables costs a Python object per value (about 20 s for a district with six
+million enrollments on SQLite), so every apply also records the state as a snapshot *in the same
+transaction*: a full Parquet image per entity, then a small delta layer per apply, compacted
+into a new full image once the deltas grow past a tenth of it. The snapshot is used only when its
+head version equals the district's `roster_version`; anything else (a store written before
+snapshots existed, a race with a concurrent apply) falls back to scanning the tables, which is
+always correct. `apply.apply_plan` is the only writer of the roster tables, and it always
+records its changes here.
+"""
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from capti_pipeline.lib import store as st
+from capti_pipeline.lib.fastops import isin
+
+# Roster-name columns kept per entity besides sourcedId, status and row_hash.
+STATE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "locations": ("type",),
+    "users": ("username", "email", "identifier", "locations"),
+    "classes": ("location",),
+    "enrollments": ("class", "user"),
+}
+_STORE_NAMES = {"class": "class_sourced_id", "user": "user_sourced_id"}
+UPSERT, ARCHIVE, DELETE = "upsert", "archive", "delete"
+_UPSERT_ACTIONS = ("create", "update", "restore", "revert")
+# Compact into a new full image when the deltas since the last one exceed this share of it.
+COMPACT_FRACTION = 0.10
+_COMPACT_MIN_ROWS = 10_000
+_PART_ROWS = 2_000_000  # rows per stored blob (bounded blob size, whatever the district size)
+
+
+@dataclass
+class StoreState:
+    """The live roster of one district as frames keyed by sourcedId, plus its version."""
+
+    version: int
+    frames: dict[str, pd.DataFrame]
+
+    def active_count(self, entity: str) -> int:
+        return int(self.frames[entity]["status"].eq("active").sum())
+
+    def active_ids(self, entity: str) -> pd.Series:
+        frame = self.frames[entity]
+        return frame["sourcedId"][frame["status"].eq("active")]
+
+
+def columns_of(entity: str) -> list[str]:
+    return ["sourcedId", "status", "row_hash", *STATE_COLUMNS[entity]]
+
+
+def empty_frame(entity: str) -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series(dtype="str") for c in columns_of(entity)})
+    frame["row_hash"] = frame["row_hash"].astype("int64")
+    return frame
+
+
+def _normalised(entity: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """Exactly the state columns, as `str` and int64, on a fresh RangeIndex."""
+    out = {}
+    for column in columns_of(entity):
+        values = frame[column]
+        out[column] = (
+            values.astype("int64")
+            if column == "row_hash"
+            else values
+            if values.dtype == "str"
+            else values.astype("str")
+        )
+    return pd.DataFrame(out).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_state(conn: Connection, district_id: str) -> StoreState:
+    """The district's state at its current roster_version: from the snapshot when it is
+    current, else by scanning the tables."""
+    for _attempt in range(2):  # a compaction committed between two reads: read again
+        version, head = _versions(conn, district_id)
+        if head is None or head["roster_version"] != version:
+            break
+        frames = _read_snapshot(conn, district_id, head)
+        if frames is not None:
+            return StoreState(version, frames)
+    return scan_state(conn, district_id)
+
+
+def _versions(conn: Connection, district_id: str) -> tuple[int, dict[str, Any] | None]:
+    """The district's roster_version and its snapshot head, in one statement (consistent)."""
+    d, h = st.districts, st.state_heads
+    row = conn.execute(
+        sa.select(d.c.roster_version, h.c.roster_version, h.c.full_version, h.c.full_rows)
+        .select_from(d.outerjoin(h, h.c.district_id == d.c.id))
+        .where(d.c.id == district_id)
+    ).first()
+    if row is None:
+        raise st.UnknownDistrictError(f"district {district_id!r} is not registered")
+    if row[1] is None:
+        return int(row[0]), None
+    head = {"roster_version": int(row[1]), "full_version": int(row[2]), "full_rows": int(row[3])}
+    return int(row[0]), head
+
+
+def scan_state(conn: Connection, district_id: str) -> StoreState:
+    """The state read from the roster tables themselves (slow for big districts; always right)."""
+    version = conn.execute(
+        sa.select(st.districts.c.roster_version).where(st.districts.c.id == district_id)
+    ).scalar()
+    if version is None:
+        raise st.UnknownDistrictError(f"district {district_id!r} is not registered")
+    frames = {}
+    for entity in st.ROSTER_TABLES:
+        names = [_STORE_NAMES.get(c, c) for c in columns_of(entity)]
+        names[0] = "sourced_id"
+        frame = st.read_columns(conn, entity, district_id, names)
+        frame.columns = columns_of(entity)
+        frames[entity] = frame
+    return StoreState(int(version), frames)
+
+
+def _read_snapshot(
+    conn: Connection, district_id: str, head: dict[str, Any]
+) -> dict[str, pd.DataFrame] | None:
+    layers = st.state_layers
+    rows = conn.execute(
+        sa.select(layers.c.roster_version, layers.c.entity, layers.c.kind, layers.c.data)
+        .where(
+            layers.c.district_id == district_id,
+            layers.c.roster_version >= head["full_version"],
+            layers.c.roster_version <= head["roster_version"],
+        )
+        .order_by(layers.c.roster_version, layers.c.entity, layers.c.part)
+    ).all()
+    full: dict[str, list[pd.DataFrame]] = {}
+    deltas: dict[str, list[pd.DataFrame]] = {}
+    for version, entity, kind, data in rows:
+        frame = _decode(data)
+        if kind == "full" and version == head["full_version"]:
+            full.setdefault(entity, []).append(frame)
+        elif kind == "delta":
+            deltas.setdefault(entity, []).append(frame)
+    if set(full) != set(st.ROSTER_TABLES):
+        return None  # compacted meanwhile (or never written): the caller reads again
+    return {
+        entity: apply_delta(_concat(parts), collapse(deltas.get(entity, [])))
+        for entity, parts in full.items()
+    }
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deltas
+
+
+def delta_from_changes(entity: str, changes: pd.DataFrame) -> pd.DataFrame:
+    """The state rows one entity's plan changes produce: upserts carry every state column and
+    their new status; archives and deletes only the sourcedId."""
+    action = changes["action"].astype("object")
+    upsert = action.isin(_UPSERT_ACTIONS).to_numpy()
+    op = np.where(upsert, UPSERT, np.where(action.eq("archive"), ARCHIVE, DELETE))
+    status = pd.Series("active", index=changes.index, dtype="object")
+    if "status" in changes.columns:  # undo's reverts restore the before-image status
+        reverted = action.eq("revert") & changes["status"].notna()
+        status[reverted] = changes["status"][reverted]
+    frame = pd.DataFrame(
+        {
+            "sourcedId": changes["sourcedId"].astype("str"),
+            "op": op,
+            "status": status.where(upsert, "").astype("str"),
+            "row_hash": changes["row_hash"].astype("Int64").fillna(0).astype("int64"),
+        }
+    )
+    for column in STATE_COLUMNS[entity]:
+        values = changes[column].astype("object").where(upsert, "")
+        frame[column] = values.fillna("").astype("str")
+    return frame.reset_index(drop=True)
+
+
+def collapse(deltas: list[pd.DataFrame]) -> pd.DataFrame | None:
+    """Several deltas (oldest first) as one, at most one row per sourcedId: the last upsert or
+    delete wins; a later archive turns an earlier upsert into an upsert with status archived."""
+    deltas = [d for d in deltas if len(d)]
+    if not deltas:
+        return None
+    if len(deltas) == 1:
+        return deltas[0].drop_duplicates("sourcedId", keep="last")
+    combined = pd.concat(deltas, ignore_index=True)
+    last = combined.drop_duplicates("sourcedId", keep="last")
+    archive = last["op"].eq(ARCHIVE)
+    if not archive.any():
+        return last.reset_index(drop=True)
+    archived = last[archive]
+    # The last non-archive op of an id whose last op is an archive came before that archive.
+    earlier = combined[combined["op"].ne(ARCHIVE)].drop_duplicates("sourcedId", keep="last")
+    earlier = earlier[isin(earlier["sourcedId"], archived["sourcedId"])]
+    upserted = earlier[earlier["op"].eq(UPSERT)].assign(status="archived")
+    plain = archived[~isin(archived["sourcedId"], upserted["sourcedId"])]
+    deleted = isin(plain["sourcedId"], earlier["sourcedId"][earlier["op"].eq(DELETE)])
+    plain = plain.assign(op=np.where(deleted.to_numpy(), DELETE, ARCHIVE))
+    return pd.concat([last[~archive], upserted, plain], ignore_index=True)
+
+
+def apply_delta(base: pd.DataFrame, delta: pd.DataFrame | None) -> pd.DataFrame:
+    """`base` with a collapsed delta applied (row order is not meaningful)."""
+    if delta is None or delta.empty:
+        return base
+    touched = isin(base["sourcedId"], delta["sourcedId"])
+    if not touched.any():
+        untouched, archived = base, base.iloc[:0]
+    else:
+        untouched = base[~touched]
+        archive_ids = delta["sourcedId"][delta["op"].eq(ARCHIVE)]
+        archived = base[touched & isin(base["sourcedId"], archive_ids)].assign(status="archived")
+    upserts = delta[delta["op"].eq(UPSERT)].drop(columns="op")
+    parts = [f for f in (untouched, archived, upserts[base.columns]) if len(f)]
+    if not parts:
+        return base.iloc[:0].reset_index(drop=True)
+    return pd.concat(parts, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing (inside the apply's transaction)
+
+
+@dataclass(frozen=True)
+class SnapshotBase:
+    """What the apply extends: the current snapshot head, or (when there is no usable snapshot)
+    the state scanned from the tables before anything was written."""
+
+    head: dict[str, Any] | None
+    scanned: StoreState | None
+
+
+def base_for_apply(conn: Connection, district_id: str, base_version: int) -> SnapshotBase:
+    """Call after claiming the roster version and before writing any change."""
+    _version, head = _versions(conn, district_id)
+    if head is not None and head["roster_version"] == base_version:
+        return SnapshotBase(head, None)
+    return SnapshotBase(None, scan_state(conn, district_id))
+
+
+def record_apply(
+    conn: Connection,
+    district_id: str,
+    version: int,
+    changes: dict[str, pd.DataFrame],
+    base: SnapshotBase,
+) -> None:
+    """Record the applied changes as the snapshot at `version` (same transaction as the apply)."""
+    deltas = {
+        entity: delta_from_changes(entity, frame)
+        for entity, frame in changes.items()
+        if frame is not None and len(frame)
+    }
+    delta_rows = sum(len(d) for d in deltas.values())
+    head = base.head
+    if head is not None:
+        pending = int(_delta_rows(conn, district_id)) + delta_rows
+        if pending <= max(COMPACT_FRACTION * head["full_rows"], _COMPACT_MIN_ROWS):
+            for entity, delta in deltas.items():
+                _write_layer(conn, district_id, version, entity, "delta", delta)
+            conn.execute(
+                st.state_heads.update()
+                .where(st.state_heads.c.district_id == district_id)
+                .values(roster_version=version, delta_rows=pending)
+            )
+            return
+        frames = _read_snapshot(conn, district_id, head)
+        if frames is None:  # cannot happen inside the apply's transaction; stay correct anyway
+            frames = scan_state(conn, district_id).frames
+            deltas = {}
+    else:
+        assert base.scanned is not None
+        frames = base.scanned.frames
+    new = {
+        entity: _normalised(entity, apply_delta(frames[entity], deltas.get(entity)))
+        for entity in st.ROSTER_TABLES
+    }
+    write_full(conn, district_id, version, new)
+
+
+def write_full(
+    conn: Connection, district_id: str, version: int, frames: dict[str, pd.DataFrame]
+) -> None:
+    """Replace the district's snapshot by full images of `frames` at `version`."""
+    conn.execute(st.state_layers.delete().where(st.state_layers.c.district_id == district_id))
+    conn.execute(st.state_heads.delete().where(st.state_heads.c.district_id == district_id))
+    for entity in st.ROSTER_TABLES:
+        _write_layer(conn, district_id, version, entity, "full", frames[entity])
+    conn.execute(
+        st.state_heads.insert().values(
+            district_id=district_id,
+            roster_version=version,
+            full_version=version,
+            full_rows=sum(len(f) for f in frames.values()),
+            delta_rows=0,
+        )
+    )
+
+
+def _delta_rows(conn: Connection, district_id: str) -> int:
+    return (
+        conn.execute(
+            sa.select(st.state_heads.c.delta_rows).where(
+                st.state_heads.c.district_id == district_id
+            )
+        ).scalar()
+        or 0
+    )
+
+
+def _write_layer(
+    conn: Connection, district_id: str, version: int, entity: str, kind: str, frame: pd.DataFrame
+) -> None:
+    starts = range(0, max(len(frame), 1), _PART_ROWS)
+    for part, start in enumerate(starts):
+        conn.execute(
+            st.state_layers.insert().values(
+                district_id=district_id,
+                roster_version=version,
+                entity=entity,
+                part=part,
+                kind=kind,
+                rows=min(_PART_ROWS, len(frame) - start),
+                data=_encode(frame.iloc[start : start + _PART_ROWS]),
+            )
+        )
+
+
+def _encode(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def _decode(data: bytes) -> pd.DataFrame:
+    frame = pq.read_table(pa.BufferReader(data)).to_pandas()
+    for column in frame.columns:
+        if column != "row_hash" and frame[column].dtype != "str":
+            frame[column] = frame[column].astype("str")
+    return frame
