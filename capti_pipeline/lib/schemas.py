@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from pandera.typing.pandas import Series
 
 from capti_pipeline.lib import oneroster_format as fmt
+from capti_pipeline.lib.fastops import duplicated
 
 # No commas (they separate list items) and no surrounding blanks; opaque otherwise.
 ID_PATTERN = r"^[^,\s](?:[^,]*[^,\s])?$"
@@ -19,6 +20,8 @@ ID_PATTERN = r"^[^,\s](?:[^,]*[^,\s])?$"
 _ID_PATTERN_RE2 = (
     r"^[^,\s\p{Z}\x{0b}\x{1c}-\x{1f}\x{85}](?:[^,]*[^,\s\p{Z}\x{0b}\x{1c}-\x{1f}\x{85}])?$"
 )
+# The failure name of the uniqueness check (its report message is built in validate).
+UNIQUE_ID = "sourcedId must be unique"
 # OneRoster 1.2 lets most vocabularies carry deployment extensions (`ext:...`); 1.1 has none.
 EXT_PREFIX = "ext:"
 
@@ -62,7 +65,7 @@ def _required(alias: str | None = None) -> object:
 
 
 class _Base(pa.DataFrameModel):
-    sourced_id: Series[str] = pa.Field(alias="sourcedId", unique=True)
+    sourced_id: Series[str] = pa.Field(alias="sourcedId")
     status: Series[str]
 
     # Subclasses for OneRoster 1.2 accept `ext:` vocabulary extensions (not an annotated field,
@@ -78,6 +81,11 @@ class _Base(pa.DataFrameModel):
     )
     def _sourced_id_shape(cls, s: Series[str]) -> Series[bool]:
         return _matches(s, _ID_PATTERN_RE2)
+
+    # Not `unique=True`: the same rule through fingerprints, 2-4x faster on millions of ids.
+    @pa.check("sourcedId", error=UNIQUE_ID)
+    def _sourced_id_unique(cls, s: Series[str]) -> Series[bool]:
+        return ~duplicated(s)
 
     @pa.check("status", error=_expected(fmt.STATUSES, blank_ok=True))
     def _status_known(cls, s: Series[str]) -> Series[bool]:

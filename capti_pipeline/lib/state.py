@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.fastops import isin
@@ -88,14 +88,49 @@ def _normalised(entity: str, frame: pd.DataFrame) -> pd.DataFrame:
 def load_state(conn: Connection, district_id: str) -> StoreState:
     """The district's state at its current roster_version: from the snapshot when it is
     current, else by scanning the tables."""
+    state = read_snapshot_state(conn, district_id)
+    return state if state is not None else scan_state(conn, district_id)
+
+
+def read_snapshot_state(conn: Connection, district_id: str) -> StoreState | None:
+    """The state from a current snapshot, or None when there is none to trust."""
     for _attempt in range(2):  # a compaction committed between two reads: read again
         version, head = _versions(conn, district_id)
         if head is None or head["roster_version"] != version:
-            break
+            return None
         frames = _read_snapshot(conn, district_id, head)
         if frames is not None:
             return StoreState(version, frames)
-    return scan_state(conn, district_id)
+    return None
+
+
+def load_state_and_backfill(engine: Engine, district_id: str) -> StoreState:
+    """:func:`load_state`; a state that had to be scanned (a store from before snapshots, or a
+    district with no apply since) is recorded as the snapshot, so the next run reads that."""
+    with engine.connect() as conn:
+        state = read_snapshot_state(conn, district_id)
+        if state is not None:
+            return state
+        state = scan_state(conn, district_id)
+    with engine.begin() as conn:
+        # Lock the district row and keep the scan only if no apply committed since it began
+        # (versions only grow): then every table it read was at that version.
+        unchanged = conn.execute(
+            st.districts.update()
+            .where(
+                st.districts.c.id == district_id,
+                st.districts.c.roster_version == state.version,
+            )
+            .values(roster_version=state.version)
+        ).rowcount
+        if unchanged == 1:
+            write_full(
+                conn,
+                district_id,
+                state.version,
+                {e: _normalised(e, f) for e, f in state.frames.items()},
+            )
+    return state
 
 
 def _versions(conn: Connection, district_id: str) -> tuple[int, dict[str, Any] | None]:

@@ -17,7 +17,7 @@ from capti_pipeline.lib.apply import AppliedChanges, apply_plan, undo_plan
 from capti_pipeline.lib.diff import Plan, compute_plan, filter_adds_only
 from capti_pipeline.lib.resolve import ROLE_LABELS, ResolvedRoster, resolve_roster
 from capti_pipeline.lib.safety import Hold, check_completeness, check_thresholds
-from capti_pipeline.lib.state import StoreState, load_state
+from capti_pipeline.lib.state import StoreState, load_state, load_state_and_backfill
 from capti_pipeline.lib.validate import KnownRecords, ValidatedDelivery, validate_delivery
 
 
@@ -75,9 +75,9 @@ class PlannedSync:
 
 
 def plan_sync(engine: Engine, district_id: str, roster: ResolvedRoster) -> PlannedSync:
+    state = load_state_and_backfill(engine, district_id)
     with engine.connect() as conn:
         district = st.get_district(conn, district_id)
-        state = load_state(conn, district_id)
         allowed = set(
             conn.execute(
                 sa.select(st.duplicate_decisions.c.sourced_id).where(

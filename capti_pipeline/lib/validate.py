@@ -24,9 +24,9 @@ import pyarrow as arrow
 import pyarrow.csv as arrow_csv
 
 from capti_pipeline.lib import oneroster_format as fmt
-from capti_pipeline.lib.fastops import isin
+from capti_pipeline.lib.fastops import isin, map_distinct
 from capti_pipeline.lib.issues import ERROR, WARNING, Issue, file_error, file_warning
-from capti_pipeline.lib.schemas import ID_PATTERN, model_for
+from capti_pipeline.lib.schemas import ID_PATTERN, UNIQUE_ID, model_for
 
 ENTITY_FILES = {
     "orgs": "orgs.csv",
@@ -199,6 +199,14 @@ def read_manifest(path: Path) -> tuple[dict[str, str], list[Issue]]:
     return props, issues
 
 
+def _check_encoding(data: bytes, name: str) -> None:
+    """Refuse what is not UTF-8 text; an ASCII file (most deliveries) needs no decoding."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in data:
+        _decode(data, name)  # raises with the precise message
+    if not data.isascii():
+        _decode(data, name)
+
+
 def _decode(data: bytes, name: str) -> str:
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         raise _RefusedWith(
@@ -367,44 +375,59 @@ def _named_prefix(header: list[str]) -> list[str]:
     return header[:end]
 
 
-def _physical_lines(text: str) -> int | None:
-    """Line count as the CSV reader sees it, or None for bare-CR line breaks (slow path)."""
-    carriage = text.count("\r")
-    if carriage and carriage != text.count("\r\n"):
+def _physical_lines(data: bytes) -> int | None:
+    """Line count as the CSV reader sees it, or None for bare-CR line breaks (slow path).
+    (Counting bytes is exact for UTF-8: no multi-byte sequence contains CR or LF.)"""
+    carriage = data.count(b"\r")
+    if carriage and carriage != data.count(b"\r\n"):
         return None
-    return text.count("\n") + (0 if text.endswith("\n") else 1)
+    return data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
 
 
-def _read_fast(
-    data: bytes, text: str, header: list[str], id_pos: int | None, notes: _RowNotes
-) -> tuple[pd.DataFrame, dict[int, list[str]]] | None:
-    """pyarrow parse (fast, exact column counts); None when line numbers cannot be trusted,
-    e.g. a quoted value spans lines."""
-    lines = _physical_lines(text)
-    if lines is None:
-        return None
-    names = [f"c{i}" for i in range(len(header))]
+def _arrow_read(
+    body: memoryview, names: list[str], *, threads: bool
+) -> tuple[arrow.Table, list[tuple[int | None, str]]]:
     invalid: list[tuple[int | None, str]] = []
 
     def on_invalid(row: arrow_csv.InvalidRow) -> str:
         invalid.append((row.number, row.text))
         return "skip"
 
+    table = arrow_csv.read_csv(
+        arrow.BufferReader(arrow.py_buffer(body)),
+        read_options=arrow_csv.ReadOptions(
+            column_names=names, skip_rows=1, use_threads=threads, block_size=1 << 24
+        ),
+        parse_options=arrow_csv.ParseOptions(
+            newlines_in_values=True, ignore_empty_lines=False, invalid_row_handler=on_invalid
+        ),
+        convert_options=arrow_csv.ConvertOptions(
+            # large_string: pandas' `str` dtype holds it as is (no copy into pandas).
+            column_types=dict.fromkeys(names, arrow.large_string()),
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    return table, invalid
+
+
+def _read_fast(
+    data: bytes, header: list[str], id_pos: int | None, notes: _RowNotes
+) -> tuple[pd.DataFrame, dict[int, list[str]]] | None:
+    """pyarrow parse (fast, exact column counts); None when line numbers cannot be trusted,
+    e.g. a quoted value spans lines."""
+    lines = _physical_lines(data)
+    if lines is None:
+        return None
+    names = [f"c{i}" for i in range(len(header))]
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    body = memoryview(data)[start:]
     try:
-        table = arrow_csv.read_csv(
-            arrow.BufferReader(arrow.py_buffer(memoryview(data)[start:])),
-            # Single-threaded: it reports line numbers of odd rows (and is not slower here).
-            read_options=arrow_csv.ReadOptions(column_names=names, skip_rows=1, use_threads=False),
-            parse_options=arrow_csv.ParseOptions(
-                newlines_in_values=True, ignore_empty_lines=False, invalid_row_handler=on_invalid
-            ),
-            convert_options=arrow_csv.ConvertOptions(
-                column_types=dict.fromkeys(names, arrow.string()),
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )
+        # Parallel first; only a file with odd rows is parsed again on one thread, which is what
+        # reports those rows' line numbers.
+        table, invalid = _arrow_read(body, names, threads=True)
+        if invalid:
+            table, invalid = _arrow_read(body, names, threads=False)
     except (arrow.ArrowException, ValueError):
         return None
     numbers = [number for number, _ in invalid]
@@ -416,9 +439,9 @@ def _read_fast(
         return None
     frame = table.to_pandas()
     frame.columns = header
-    bad_lines = np.array(sorted(int(number or 0) for number in numbers), dtype=int)
-    lines_of_rows = np.delete(np.arange(2, lines + 1), bad_lines - 2)
-    frame.index = pd.Index(lines_of_rows - 2)
+    if invalid:
+        bad_lines = np.array(sorted(int(number or 0) for number in numbers), dtype=int)
+        frame.index = pd.Index(np.delete(np.arange(0, lines - 1), bad_lines - 2))
     odd: dict[int, list[str]] = {}
     for number, row_text in invalid:
         cells = next(csv.reader([row_text.rstrip("\r\n")]), [])
@@ -458,12 +481,13 @@ def _read_slow(
 
 def _read_csv(path: Path, canonical: str, issues: list[Issue]) -> _RawFile:
     data = path.read_bytes()
-    text = _decode(data, canonical)
-    if not text.strip():
+    _check_encoding(data, canonical)
+    if re.search(rb"[^\s\xef\xbb\xbf]", data) is None:  # nothing but blanks (and a BOM)
         raise _RefusedWith([file_error(canonical, "file is empty (no header row)")])
-    if not text.endswith(("\n", "\r")):
+    if not data.endswith((b"\n", b"\r")):
         issues.append(file_warning(canonical, "no newline at end of file; accepted"))
-    head_reader = csv.reader(io.StringIO(text[: 1 << 16], newline=""))
+    head = data[: 1 << 16].decode("utf-8-sig", errors="ignore")
+    head_reader = csv.reader(io.StringIO(head, newline=""))
     header = [cell.strip() for cell in next(head_reader)]
     if not any(header):
         raise _RefusedWith(
@@ -471,21 +495,22 @@ def _read_csv(path: Path, canonical: str, issues: list[Issue]) -> _RawFile:
         )
     id_pos = next((i for i, c in enumerate(header) if c.lower() == "sourcedid"), None)
     notes = _RowNotes()
-    fast = _read_fast(data, text, header, id_pos, notes) if head_reader.line_num == 1 else None
+    fast = _read_fast(data, header, id_pos, notes) if head_reader.line_num == 1 else None
     if fast is not None:
         frame, odd = fast
     else:
         notes = _RowNotes()
         frame = pd.DataFrame(columns=header, dtype="str")
-        odd = _read_slow(text, canonical, header, id_pos, notes)
+        odd = _read_slow(_decode(data, canonical), canonical, header, id_pos, notes)
     if odd:
         extra = pd.DataFrame(
             list(odd.values()), columns=header, index=[n - 2 for n in odd], dtype="str"
         )
         frame = pd.concat([frame, extra]).sort_index() if len(frame) else extra
+        frame = frame.fillna("").astype("str")
     _note_rows(canonical, header, notes, issues)
     rejected = {line: cells for line, _, cells in notes.misaligned}
-    return _RawFile(frame.fillna("").astype("str"), rejected)
+    return _RawFile(frame, rejected)
 
 
 def _note_rows(canonical: str, header: list[str], notes: _RowNotes, issues: list[Issue]) -> None:
@@ -656,7 +681,7 @@ def canonicalise(frame: pd.DataFrame, canonical: str, issues: list[Issue]) -> pd
     """Trim vocabulary columns and map case variants (TRUE, Scheduled) onto spec tokens."""
     frame = frame.copy()
     if "status" in frame.columns:
-        status = frame["status"].str.strip().str.lower()
+        status = map_distinct(frame["status"], lambda v: v.strip().lower())
         legacy = status.eq("inactive")
         if legacy.any():
             issues.append(
@@ -672,13 +697,12 @@ def canonicalise(frame: pd.DataFrame, canonical: str, issues: list[Issue]) -> pd
         if column not in frame.columns:
             continue
         lookup = {token.lower(): token for token in vocabulary}
-        raw = frame[column]
-        lowered = raw.str.strip().str.lower()
-        mapped = lowered.map(lookup)
-        frame[column] = mapped.where(mapped.notna(), raw).astype("str")
+        frame[column] = map_distinct(
+            frame[column], lambda v, lookup=lookup: lookup.get(v.strip().lower(), v)
+        )
     if "grades" in frame.columns:
         grades = frame["grades"]
-        needs = grades.ne("") & ~grades.isin(fmt.GRADE_CODES)
+        needs = grades.ne("") & ~isin(grades, fmt.GRADE_CODES)
         if needs.any():
             frame.loc[needs, "grades"] = grades[needs].map(_canonical_grades)
     return frame
@@ -721,7 +745,7 @@ def _schema_failures(
             issues.append(file_error(canonical, f"{column}: {check}", column))
             continue
         index = int(index)
-        if check == "field_uniqueness" and case.failure_case in ("", None):
+        if check == UNIQUE_ID and case.failure_case in ("", None):
             continue  # blank sourcedIds are reported by the shape check
         if index in deleting and column not in ("sourcedId", "status"):
             continue
@@ -735,7 +759,7 @@ def _schema_failures(
 
 def _message_for(check: str, column: str, value: object) -> str:
     show = column in fmt.REPORTABLE_VALUE_COLUMNS
-    if check == "field_uniqueness":
+    if check == UNIQUE_ID:
         return f"duplicate {column} {value!s}; every row with it is rejected"
     if check.startswith("str_length"):
         return f"required value missing in {column}"
@@ -753,7 +777,7 @@ def _reject_references(
     frame: pd.DataFrame,
     canonical: str,
     column: str,
-    valid: set[str],
+    valid: pd.Series,
     target: str,
     issues: list[Issue],
     *,
@@ -763,10 +787,9 @@ def _reject_references(
     """Mask of rows whose reference(s) in `column` point at nothing we know (or at a record this
     delivery deletes)."""
     values = frame[column]
-    pool = pd.Index(list(valid), dtype="str")
     deleted = deleted or set()
     if not multi:
-        bad = ~isin(values, pool) & values.ne("")
+        bad = ~isin(values, valid) & values.ne("")
         for index, sourced, ref in zip(
             frame.index[bad], frame["sourcedId"][bad], values[bad], strict=True
         ):
@@ -779,13 +802,17 @@ def _reject_references(
         return bad
     single = ~values.str.contains(",", regex=False)
     bad = pd.Series(False, index=frame.index)
-    bad[single] = ~isin(values[single], pool) & values[single].ne("")
-    for index, value in values[~single].items():
-        if any(item.strip() not in valid for item in value.split(",")):
+    bad[single] = ~isin(values[single], valid) & values[single].ne("")
+    lists = values[~single]
+    known = set(valid.tolist()) if len(lists) else set()
+    for index, value in lists.items():
+        if any(item.strip() not in known for item in value.split(",")):
             bad[index] = True
     for index in frame.index[bad]:
         value = values[index]
-        unknown = [item.strip() for item in value.split(",") if item.strip() not in valid]
+        unknown = [item.strip() for item in value.split(",") if item.strip() not in known]
+        if "," not in value:
+            unknown = [value.strip()]
         issues.append(
             Issue(
                 ERROR,
@@ -861,7 +888,9 @@ def _validate(directory: Path, known: KnownRecords, issues: list[Issue]) -> Vali
         except _RefusedWith as refused:
             refusals.extend(refused.issues)
             continue
-        blank = frame.eq("").all(axis=1)
+        blank = frame.iloc[:, 0].eq("") if len(frame.columns) else pd.Series(dtype=bool)
+        if blank.any():  # only rows with an empty first cell can be blank lines
+            blank[blank] = frame[blank].eq("").all(axis=1)
         if blank.any():
             for index in frame.index[blank][:_MAX_ROW_NOTES]:
                 issues.append(Issue(WARNING, file, _line(index), "", "", "blank line ignored"))
@@ -927,15 +956,19 @@ def _reference_pool(
     entity: str,
     modes: dict[str, str],
     known: Iterable[str],
-) -> set[str]:
-    """Ids a reference may point at: the delivered rows, plus the store's for delta/absent files."""
-    pool: set[str] = set()
+) -> pd.Series:
+    """Ids a reference may point at: the delivered rows, plus the store's for delta/absent files
+    (a str Series, possibly with repeats: membership tests are vectorised)."""
+    parts: list[pd.Series] = []
     frame = clean.get(entity)
     if frame is not None:
-        pool.update(frame["sourcedId"][frame["status"].ne("tobedeleted")])
+        parts.append(frame["sourcedId"][frame["status"].ne("tobedeleted")])
     if modes.get(ENTITY_FILES[entity], "absent") != "bulk":
-        pool.update(known)
-    return pool
+        parts.append(pd.Series(list(known), dtype="str"))
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.Series([], dtype="str")
+    return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
 
 def _deleted_ids(clean: dict[str, pd.DataFrame], entity: str) -> set[str]:
@@ -989,7 +1022,7 @@ def _check_references(
         org_types = dict(known.org_types)
         if "orgs" in clean:
             org_types.update(zip(clean["orgs"]["sourcedId"], clean["orgs"]["type"], strict=True))
-        schools = {o for o, t in org_types.items() if t == "school"} & org_ids
+        schools = {o for o, t in org_types.items() if t == "school"} & set(org_ids.tolist())
         classes = clean["classes"]
         live = classes["status"].ne("tobedeleted")
         school_ref = classes["schoolSourcedId"]
