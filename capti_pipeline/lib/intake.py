@@ -13,8 +13,9 @@ Delivery rules (what counts as "the delivery" in the source folder root):
 - Hidden names (``.foo``) and upload temp names (``*.part``, ``*.filepart``, ``*.tmp``, ...) are
   *upload markers*: never landed, but watched by the stability check. If they are still changing
   the delivery is not ready; if they are stable (stale leftovers) they are ignored with a warning.
-- ``*.csv`` (any case) files at the root form a *loose* delivery; it must contain ``manifest.csv``
-  (any case) or it is ``DeliveryNotReady``.
+- ``*.csv`` (any case) files at the root form a *loose* delivery; with ``require_manifest`` (the
+  default) it must contain ``manifest.csv`` (any case) or it is ``DeliveryNotReady``; without, a
+  stable folder of CSVs is taken as it is (the caller decides per district, see the README).
 - Exactly one ``*.zip`` (any case) and no loose CSV forms a *zip* delivery.
 - Loose CSVs together with a zip, several zips, or two names that differ only by case are
   ambiguous: ``DeliveryRefused`` naming the files (an operator has to clean the folder).
@@ -26,9 +27,20 @@ letter (``C:``), a ``..`` component, a NUL byte, is a symlink, is encrypted, or 
 uncompressed total exceeds ``zip_max_uncompressed_bytes``. Extraction streams with a byte counter,
 so an archive whose headers under-declare sizes is still stopped at the cap. CSV entries must all
 sit at the zip root or all inside one single sub-folder; hidden entries and ``__MACOSX/`` are
-ignored, other non-CSV entries are ignored with a warning. The zip must contain ``manifest.csv``
-(``DeliveryRefused`` otherwise, since a complete zip cannot become ready later). The zip itself is
-downloaded to a scratch directory and never kept in the landing directory.
+ignored, other non-CSV entries are ignored with a warning. With ``require_manifest`` the zip must
+contain ``manifest.csv`` (``DeliveryRefused`` otherwise, since a complete zip cannot become ready
+later). The zip itself is downloaded to a scratch directory and never kept in the landing
+directory.
+
+Passwords: the landing copy of ``users.csv`` carries no password values. Files are copied byte for
+byte (sha256 of the delivered bytes, which the fingerprint is built from); then, when the
+``password`` column of users.csv holds any value, that column is blanked in place before the
+landing directory appears (``capti_pipeline.lib.redact``: every other byte is kept, so validation
+is unchanged). ``LandedFile.passwords_redacted`` counts the values removed.
+
+Warnings (ignored files, stale upload markers, non-CSV zip entries) are returned as
+``LandedDelivery.issues`` (file-level warnings for the run's report). ``DeliveryRefused`` carries
+the ``file`` it is about and the warnings found before it.
 
 Stability: the folder is listed, ``stability_window_s`` is waited, and it is listed again; any
 difference in (name, size, mtime) is ``DeliveryNotReady``. Each file is re-stat'ed right after its
@@ -59,6 +71,9 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit
 
+from capti_pipeline.lib import redact
+from capti_pipeline.lib.issues import Issue, file_warning
+
 log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 1024 * 1024
@@ -72,6 +87,11 @@ _UPLOAD_MARKER_SUFFIXES = (
     ".crdownload",
 )
 _MAX_NAMES_IN_MESSAGE = 10
+_STALE_MARKERS = "ignored stable upload-marker/hidden files"
+MANIFEST_NAME = "manifest.csv"
+# Starts the warning of a delivery taken without manifest.csv (``require_manifest=False``); the
+# district's next runs read it back from the report to know it delivers without one.
+NO_MANIFEST_WARNING = "delivery taken without manifest.csv"
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,8 +140,9 @@ class ParsedSource:
 class LandedFile:
     name: str  # file name inside the landing dir, e.g. "users.csv" (kept as delivered)
     path: Path
-    size: int
-    sha256: str
+    size: int  # bytes delivered
+    sha256: str  # of the bytes delivered (the landing copy differs when passwords were redacted)
+    passwords_redacted: int = 0  # password values blanked in the landing copy
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,12 @@ class LandedDelivery:
     archive_name: str | None  # name of the zip if the delivery was a zip, else None
     fingerprint: str  # sha256 over the sorted (name, sha256) pairs, see delivery_fingerprint()
     warnings: list[str] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)  # the warnings, as report issues
+    manifest: bool = True  # whether the delivery had a manifest.csv
+
+    @property
+    def passwords_redacted(self) -> int:
+        return sum(f.passwords_redacted for f in self.files.values())
 
 
 @dataclass(frozen=True)
@@ -161,7 +188,16 @@ class PermanentSourceError(IntakeError):
 
 
 class DeliveryRefused(IntakeError):
-    """The delivery is unsafe or ambiguous; treated like a validation failure."""
+    """The delivery is unsafe or ambiguous; treated like a validation failure.
+
+    ``file`` names what the refusal is about (the zip, or the source folder); ``warnings`` are
+    the intake warnings found before it.
+    """
+
+    def __init__(self, message: str, file: str = "") -> None:
+        super().__init__(message)
+        self.file = file
+        self.warnings: list[Issue] = []
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +449,7 @@ def _relevant(entries: Iterable[RemoteEntry], display: str) -> dict[str, RemoteE
     return out
 
 
-def _classify(entries: list[RemoteEntry], display: str) -> _Plan:
+def _classify(entries: list[RemoteEntry], display: str, require_manifest: bool = True) -> _Plan:
     csvs: list[RemoteEntry] = []
     zips: list[RemoteEntry] = []
     markers: list[str] = []
@@ -451,16 +487,18 @@ def _classify(entries: list[RemoteEntry], display: str) -> _Plan:
     if csvs and zips:
         raise DeliveryRefused(
             f"ambiguous delivery in {display}: both loose CSV files ({_names(e.name for e in csvs)}) "
-            f"and zip archive(s) ({_names(e.name for e in zips)}); remove one of them"
+            f"and zip archive(s) ({_names(e.name for e in zips)}); remove one of them",
+            display,
         )
     if len(zips) > 1:
         raise DeliveryRefused(
             f"ambiguous delivery in {display}: several zip archives ({_names(e.name for e in zips)}); "
-            "leave exactly one"
+            "leave exactly one",
+            display,
         )
     if csvs:
-        _refuse_case_duplicates([e.name for e in csvs], display)
-        if not any(e.name.lower() == "manifest.csv" for e in csvs):
+        _refuse_case_duplicates([e.name for e in csvs], display, display)
+        if require_manifest and not any(e.name.lower() == "manifest.csv" for e in csvs):
             raise DeliveryNotReady(
                 f"delivery in {display} not ready: {len(csvs)} CSV file(s) but manifest.csv not present yet"
             )
@@ -473,13 +511,14 @@ def _classify(entries: list[RemoteEntry], display: str) -> _Plan:
     )
 
 
-def _refuse_case_duplicates(names: list[str], where: str) -> None:
+def _refuse_case_duplicates(names: list[str], where: str, file: str) -> None:
     seen: dict[str, str] = {}
     for n in names:
         other = seen.setdefault(n.casefold(), n)
         if other != n:
             raise DeliveryRefused(
-                f"ambiguous delivery in {where}: {other!r} and {n!r} differ only by letter case"
+                f"ambiguous delivery in {where}: {other!r} and {n!r} differ only by letter case",
+                file,
             )
 
 
@@ -625,9 +664,35 @@ def _extract_zip(
     *,
     max_entries: int,
     max_bytes: int,
-    warnings: list[str],
+    warnings: list[Issue],
+    require_manifest: bool = True,
 ) -> dict[str, tuple[int, str]]:
     """Extract the CSVs of a delivery zip into ``dest_dir``; returns name -> (size, sha256)."""
+    try:
+        return _extract_zip_entries(
+            zip_path,
+            archive,
+            dest_dir,
+            max_entries=max_entries,
+            max_bytes=max_bytes,
+            warnings=warnings,
+            require_manifest=require_manifest,
+        )
+    except DeliveryRefused as exc:
+        exc.file = exc.file or archive
+        raise
+
+
+def _extract_zip_entries(
+    zip_path: Path,
+    archive: str,
+    dest_dir: Path,
+    *,
+    max_entries: int,
+    max_bytes: int,
+    warnings: list[Issue],
+    require_manifest: bool,
+) -> dict[str, tuple[int, str]]:
     try:
         with zipfile.ZipFile(zip_path) as zf:
             infos = zf.infolist()
@@ -654,7 +719,11 @@ def _extract_zip(
                     continue
                 selected.append((info, parts))
             if skipped:
-                warnings.append(f"zip {archive}: ignored non-CSV entries: {_names(skipped)}")
+                warnings.append(
+                    file_warning(
+                        archive, f"zip {archive}: ignored non-CSV entries: {_names(skipped)}"
+                    )
+                )
             if not selected:
                 raise DeliveryRefused(f"zip {archive} contains no CSV files")
             depths = {len(p) for _, p in selected}
@@ -665,8 +734,8 @@ def _extract_zip(
                     f"single folder; found {_names(i.filename for i, _ in selected)}"
                 )
             names = [p[-1] for _, p in selected]
-            _refuse_case_duplicates(names, f"zip {archive}")
-            if not any(n.lower() == "manifest.csv" for n in names):
+            _refuse_case_duplicates(names, f"zip {archive}", archive)
+            if require_manifest and not any(n.lower() == "manifest.csv" for n in names):
                 raise DeliveryRefused(f"zip {archive} does not contain manifest.csv")
 
             over_cap = (
@@ -710,10 +779,11 @@ def land_delivery(
     stability_window_s: float = 2.0,
     zip_max_entries: int = 64,
     zip_max_uncompressed_bytes: int = 20 * 1024**3,
+    require_manifest: bool = True,
 ) -> LandedDelivery:
     """Copy the current delivery of ``spec`` into ``landing_dir`` (which must not exist yet).
 
-    See the module docstring for the delivery, zip, stability and atomicity rules.
+    See the module docstring for the delivery, zip, stability, password and atomicity rules.
     """
     source = parse_source(spec)
     landing_dir = Path(landing_dir)
@@ -724,24 +794,25 @@ def land_delivery(
     parent = landing_dir.parent
     parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    warnings: list[str] = []
+    warnings: list[Issue] = []
     partial: Path | None = None
     scratch: Path | None = None
+    display = source.display
     try:
         with _open_folder(spec, source) as folder:
-            plan = _classify(folder.list_entries(), folder.display)
+            display = folder.display
+            plan = _classify(folder.list_entries(), folder.display, require_manifest)
             if stability_window_s > 0:
                 time.sleep(stability_window_s)
             entries = folder.list_entries()
             watched = {n: (e.size, e.mtime) for n, e in _relevant(entries, folder.display).items()}
             _check_stable(plan.watched, watched, stability_window_s, folder.display)
-            plan = _classify(entries, folder.display)
-            if plan.ignored:
-                warnings.append(f"ignored files in {folder.display}: {_names(plan.ignored)}")
-            if plan.markers:
-                warnings.append(
-                    f"ignored stable upload-marker/hidden files in {folder.display}: {_names(plan.markers)}"
-                )
+            plan = _classify(entries, folder.display, require_manifest)
+            for names, what in ((plan.ignored, "ignored files"), (plan.markers, _STALE_MARKERS)):
+                if names:
+                    about = names[0] if len(names) == 1 else folder.display
+                    message = f"{what} in {folder.display}: {_names(names)}"
+                    warnings.append(file_warning(about, message))
 
             partial = Path(tempfile.mkdtemp(prefix=f".{landing_dir.name}.partial-", dir=parent))
             os.chmod(partial, 0o700)
@@ -761,7 +832,22 @@ def land_delivery(
                     max_entries=zip_max_entries,
                     max_bytes=zip_max_uncompressed_bytes,
                     warnings=warnings,
+                    require_manifest=require_manifest,
                 )
+        redacted = {
+            name: redact.redact_passwords(partial / name)
+            for name in digests
+            if redact.is_users_file(name)
+        }
+        if not any(name.lower() == MANIFEST_NAME for name in digests):
+            where = f"zip {archive_name}" if archive_name else display
+            warnings.append(
+                file_warning(
+                    MANIFEST_NAME,
+                    f"{NO_MANIFEST_WARNING} ({where}): its files were unchanged for "
+                    f"{stability_window_s:g} s and are read as complete (bulk) files",
+                )
+            )
         _fsync_dir(partial)
         if landing_dir.exists() or landing_dir.is_symlink():
             raise IntakeError(
@@ -770,16 +856,25 @@ def land_delivery(
         os.rename(partial, landing_dir)
         partial = None
         _fsync_dir(parent)
-    except BaseException:
+    except BaseException as exc:
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, DeliveryRefused):
+            exc.file = exc.file or display
+            exc.warnings = list(warnings)
         raise
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
     files = {
-        name: LandedFile(name=name, path=landing_dir / name, size=size, sha256=sha)
+        name: LandedFile(
+            name=name,
+            path=landing_dir / name,
+            size=size,
+            sha256=sha,
+            passwords_redacted=redacted.get(name, 0),
+        )
         for name, (size, sha) in sorted(digests.items())
     }
     fingerprint = delivery_fingerprint({n: f.sha256 for n, f in files.items()})
@@ -796,5 +891,7 @@ def land_delivery(
         source_kind=source.kind,
         archive_name=archive_name,
         fingerprint=fingerprint,
-        warnings=warnings,
+        warnings=[w.message for w in warnings],
+        issues=warnings,
+        manifest=any(name.lower() == MANIFEST_NAME for name in files),
     )

@@ -479,3 +479,107 @@ def test_streaming_byte_counter_enforces_the_cap(tmp_path: Path) -> None:
         with pytest.raises(DeliveryRefused, match="over the cap"):
             writer.write(b"x")
     assert (tmp_path / "out.bin").read_bytes() == b"0123456789"
+
+
+# ---------------------------------------------------------------------------- report material
+
+
+def test_refusals_name_their_file_and_carry_the_warnings_before_them(dirs) -> None:
+    src, landing = dirs
+    (src / "readme.txt").write_text("hello")
+    write_zip(src, {**DELIVERY, "../evil.csv": b"x"}, "roster.zip")
+    with pytest.raises(DeliveryRefused) as refused:
+        land(src, landing)
+    assert refused.value.file == "roster.zip"
+    [warning] = refused.value.warnings
+    assert (warning.severity, warning.file, warning.line) == ("warning", "readme.txt", 0)
+
+    (src / "roster.zip").unlink()
+    write_loose(src)
+    write_zip(src, DELIVERY, "other.zip")
+    with pytest.raises(DeliveryRefused) as refused:
+        land(src, landing)
+    assert refused.value.file == str(src)
+
+
+def test_warnings_are_report_issues(dirs) -> None:
+    src, landing = dirs
+    write_zip(src, {**DELIVERY, "notes.txt": b"x"}, "roster.zip")
+    (src / "readme.txt").write_text("x")
+    (src / "a.pdf").write_text("x")
+    result = land(src, landing)
+    assert [(i.severity, i.file, i.line) for i in result.issues] == [
+        ("warning", str(src), 0),  # two ignored files: the folder
+        ("warning", "roster.zip", 0),
+    ]
+    assert [i.message for i in result.issues] == result.warnings
+    assert "a.pdf, readme.txt" in result.warnings[0] and "notes.txt" in result.warnings[1]
+
+
+# ---------------------------------------------------------------------------- without manifest
+
+
+def test_loose_csvs_without_manifest_are_taken_when_not_required(dirs) -> None:
+    src, landing = dirs
+    files = {n: d for n, d in DELIVERY.items() if n != "manifest.csv"}
+    write_loose(src, files)
+    with pytest.raises(DeliveryNotReady, match=r"manifest\.csv not present yet"):
+        land(src, landing)
+    result = land(src, landing, require_manifest=False)
+    assert_landed(result, landing, files)
+    assert result.manifest is False
+    [warning] = result.issues
+    assert (warning.file, warning.severity) == ("manifest.csv", "warning")
+    assert warning.message.startswith(intake.NO_MANIFEST_WARNING)
+
+
+def test_zip_without_manifest_is_taken_when_not_required(tmp_path: Path) -> None:
+    files = {n: d for n, d in DELIVERY.items() if n != "manifest.csv"}
+    src = write_zip(tmp_path / "drop", files)
+    with pytest.raises(DeliveryRefused, match=r"does not contain manifest\.csv"):
+        land(src, tmp_path / "landing" / "a")
+    result = land(src, tmp_path / "landing" / "b", require_manifest=False)
+    assert sorted(result.files) == sorted(files) and result.manifest is False
+    assert "zip roster.zip" in result.issues[0].message
+
+
+# ---------------------------------------------------------------------------- passwords
+
+
+USERS_WITH_PASSWORDS = (
+    b"\xef\xbb\xbfsourcedId,givenName,password,email\r\n"
+    b'u-1,"Zo\xc3\xab, Ann",Hunter2-Secret,"zoe@x.example"\r\n'
+    b'u-2,Amir,"multi\r\nline",amir@x.example\r\n'
+    b"u-3,Lee,,lee@x.example\r\n"
+)
+USERS_REDACTED = (
+    b"\xef\xbb\xbfsourcedId,givenName,password,email\r\n"
+    b'u-1,"Zo\xc3\xab, Ann",,"zoe@x.example"\r\n'
+    b'u-2,Amir,"\r\n",amir@x.example\r\n'
+    b"u-3,Lee,,lee@x.example\r\n"
+)
+
+
+@pytest.mark.parametrize("layout", ["loose", "zip"])
+def test_landed_users_csv_has_no_passwords_but_records_what_was_delivered(
+    tmp_path: Path, layout: str
+) -> None:
+    files = {**DELIVERY, "users.csv": USERS_WITH_PASSWORDS}
+    src = tmp_path / "drop"
+    if layout == "loose":
+        write_loose(src, files)
+    else:
+        write_zip(src, files)
+    landing = tmp_path / "landing" / "d1"
+    result = land(src, landing)
+    users = result.files["users.csv"]
+    assert users.path.read_bytes() == USERS_REDACTED
+    assert (users.size, users.sha256) == (len(USERS_WITH_PASSWORDS), sha(USERS_WITH_PASSWORDS))
+    assert users.passwords_redacted == result.passwords_redacted == 2
+    assert result.fingerprint == intake.delivery_fingerprint({n: sha(d) for n, d in files.items()})
+    assert stat.S_IMODE(users.path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in landing.iterdir()) == sorted(files)  # no temp file left
+    assert leftovers(landing.parent) == []
+    for name, data in files.items():  # every other file byte for byte
+        if name != "users.csv":
+            assert result.files[name].path.read_bytes() == data
