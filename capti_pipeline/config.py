@@ -23,6 +23,8 @@ def apply_defaults() -> None:
     os.environ.setdefault("CAPTI_UI_BASE_URL", "http://127.0.0.1:3000")
     os.environ.setdefault("CAPTI_STABILITY_WINDOW_MS", "2000")
     os.environ.setdefault("CAPTI_RETRY_WAIT_MS", "30000")
+    os.environ.setdefault("CAPTI_ZIP_MAX_ENTRIES", "64")
+    os.environ.setdefault("CAPTI_ZIP_MAX_UNCOMPRESSED_BYTES", str(20 * 1024**3))
 
 
 def dagster_home() -> Path:

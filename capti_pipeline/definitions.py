@@ -24,6 +24,8 @@ def build_resources() -> dict[str, object]:
             data_dir=dg.EnvVar("CAPTI_DATA_DIR"),
             stability_window_ms=dg.EnvVar.int("CAPTI_STABILITY_WINDOW_MS"),
             retry_wait_ms=dg.EnvVar.int("CAPTI_RETRY_WAIT_MS"),
+            zip_max_entries=dg.EnvVar.int("CAPTI_ZIP_MAX_ENTRIES"),
+            zip_max_uncompressed_bytes=dg.EnvVar.int("CAPTI_ZIP_MAX_UNCOMPRESSED_BYTES"),
         ),
         "notifier": Notifier(
             webhook_url=dg.EnvVar("CAPTI_WEBHOOK_URL"), ui_base_url=dg.EnvVar("CAPTI_UI_BASE_URL")

@@ -38,6 +38,8 @@ class DeliveryStorage(dg.ConfigurableResource):
     stability_window_ms: int = 2000
     retry_wait_ms: int = 30000
     keep_landings: int = 14
+    zip_max_entries: int = 64  # a zip delivery with more entries is refused
+    zip_max_uncompressed_bytes: int = 20 * 1024**3  # ... or expanding to more bytes than this
 
     @property
     def stability_window_s(self) -> float:

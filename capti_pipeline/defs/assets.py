@@ -18,7 +18,7 @@ from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.apply import AppliedChanges
 from capti_pipeline.lib.diff import Plan
-from capti_pipeline.lib.issues import ERROR
+from capti_pipeline.lib.issues import ERROR, Issue, file_error
 from capti_pipeline.lib.resolve import ResolvedRoster
 from capti_pipeline.lib.validate import ValidatedDelivery
 from capti_pipeline.resources import DeliveryStorage, Notifier, RosterStore
@@ -50,6 +50,33 @@ def _finish(
         )  # type: ignore[arg-type]
     if notifier is not None and state in (rp.FAILED, rp.REFUSED, rp.HELD):
         notifier.send(district_id, state, report.get("reason") or state, run_id)
+
+
+def _refused_reason(issues: list[Issue]) -> str:
+    """Short reason of a refused delivery: how many file-level errors, in which files (the
+    errors themselves are the report's issues, printed below the summary)."""
+    errors = [i for i in issues if i.severity == ERROR and i.line == 0]
+    files = ", ".join(dict.fromkeys(i.file for i in errors if i.file))
+    plural = "s" if len(errors) != 1 else ""
+    return f"delivery refused: {len(errors)} file-level error{plural}" + (
+        f" in {files}" if files else ""
+    )
+
+
+def _manifest_expected(roster_store: RosterStore, district_id: str) -> bool:
+    """Whether a loose delivery must wait for manifest.csv: yes once the district's last applied
+    delivery had one; a district whose last applied delivery had none (or that has none yet)
+    may deliver without (README, "Deliveries without manifest.csv")."""
+    states = [rp.APPLIED, rp.NO_CHANGES, rp.APPROVED]
+    with roster_store.engine().connect() as conn:
+        runs = [r for r in st.list_runs(conn, district_id, states=states) if r.kind == "sync"]
+    if not runs:
+        return False
+    return not any(
+        issue.get("file") == intake.MANIFEST_NAME
+        and str(issue.get("message", "")).startswith(intake.NO_MANIFEST_WARNING)
+        for issue in runs[0].report.get("issues") or []
+    )
 
 
 def _issues_markdown(issues: list, limit: int = 50) -> str:
@@ -113,7 +140,12 @@ def oneroster_delivery(
         shutil.rmtree(landing)
     try:
         landed = intake.land_delivery(
-            spec, landing, stability_window_s=delivery_storage.stability_window_s
+            spec,
+            landing,
+            stability_window_s=delivery_storage.stability_window_s,
+            zip_max_entries=delivery_storage.zip_max_entries,
+            zip_max_uncompressed_bytes=delivery_storage.zip_max_uncompressed_bytes,
+            require_manifest=_manifest_expected(roster_store, district_id),
         )
     except intake.DeliveryNotReady as exc:
         report = rp.build_report(
@@ -128,8 +160,13 @@ def oneroster_delivery(
         wait = delivery_storage.retry_wait_s * 2**context.retry_number
         raise dg.RetryRequested(max_retries=3, seconds_to_wait=wait) from exc
     except intake.DeliveryRefused as exc:
+        issues = [*exc.warnings, file_error(exc.file, str(exc))]
         report = rp.build_report(
-            district_id=district_id, run_id=run_id, state=rp.REFUSED, issues=[], reason=str(exc)
+            district_id=district_id,
+            run_id=run_id,
+            state=rp.REFUSED,
+            issues=issues,
+            reason=_refused_reason(issues),
         )
         _finish(roster_store, notifier, run_id, district_id, rp.REFUSED, report)
         raise dg.Failure(description=f"delivery refused: {exc}", allow_retries=False) from exc
@@ -147,13 +184,17 @@ def oneroster_delivery(
             "source_kind": landed.source_kind,
             "archive": landed.archive_name or "",
             "fingerprint": landed.fingerprint,
+            "manifest": landed.manifest,
+            "passwords_redacted": landed.passwords_redacted,
             "files": dg.MetadataValue.md(
-                "| file | bytes | sha256 |\n|---|---|---|\n"
+                "| file | bytes delivered | sha256 delivered | passwords redacted |\n"
+                "|---|---|---|---|\n"
                 + "\n".join(
-                    f"| {f.name} | {f.size} | `{f.sha256[:16]}…` |"
+                    f"| {f.name} | {f.size} | `{f.sha256[:16]}…` | {f.passwords_redacted} |"
                     for f in sorted(landed.files.values(), key=lambda f: f.name)
                 )
             ),
+            "warnings": dg.MetadataValue.md(_issues_markdown(landed.issues)),
             "landing_copy": str(landed.directory),
         },
     )
@@ -206,10 +247,13 @@ def validated_oneroster_frames(
     validated = sync.validate_landed_delivery(
         roster_store.engine(), district_id, oneroster_delivery.directory
     )
+    # Intake warnings (ignored files, stale upload markers, ...) lead the run's issues, so they
+    # reach every report from here on (refused, held, dry run, applied).
+    validated.issues[:0] = getattr(oneroster_delivery, "issues", [])
     file_errors = validated.file_errors
     row_errors = validated.row_errors()
     if validated.refused:
-        reason = "delivery refused: " + "; ".join(i.one_line() for i in file_errors[:5])
+        reason = _refused_reason(file_errors)
         report = rp.build_report(
             district_id=district_id,
             run_id=run_id,
