@@ -225,7 +225,13 @@ def create_store_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         database = sa.engine.make_url(url).database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            # Names and emails: an owner-only folder and file (SQLite gives -wal/-shm its mode).
+            path = Path(database)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.touch(mode=0o600, exist_ok=True)
+            for part in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                if part.exists() and part.stat().st_mode & 0o077:
+                    part.chmod(0o600)
         kwargs["connect_args"] = {"timeout": 120}
     engine = sa.create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
