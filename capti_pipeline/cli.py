@@ -8,6 +8,7 @@ Exit codes of `run`: 0 applied / nothing to do / dry run / delivery not ready ye
 import argparse
 import getpass
 import json
+import os
 import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -308,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capti-sync", description="Operate Capti's nightly roster sync."
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of an unexpected error (also CAPTI_LOG_LEVEL=DEBUG)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     district = sub.add_parser("district", help="register, list, change or remove districts")
@@ -417,9 +423,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_line(text: object) -> str:
+    lines = str(text).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def _store_failure(exc: Exception) -> str:
+    """One line naming what went wrong with the roster store (never its password)."""
+    import sqlalchemy as sa
+
+    url = os.environ.get("CAPTI_DATABASE_URL", "")
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return f"roster store URL CAPTI_DATABASE_URL is not a valid SQLAlchemy URL ({exc})"
+    where = f"{parsed.host}:{parsed.port or ''}".rstrip(":") if parsed.host else parsed.database
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return f"roster store error ({parsed.drivername} at {where}): {_first_line(exc)}"
+    detail = " ".join(str(exc.orig).split()) if exc.orig is not None else _first_line(exc)
+    lowered = detail.lower()
+    for needle, what in (
+        ("connection refused", "connection refused"),
+        ("could not translate host name", "unknown host"),
+        ("name or service not known", "unknown host"),
+        ("timeout expired", "connection timed out"),
+        ("timed out", "connection timed out"),
+        ("no route to host", "no route to host"),
+        ("unable to open database file", "cannot open the SQLite file"),
+    ):
+        if needle in lowered:
+            return f"roster store unreachable: {what} at {where}"
+    if "password authentication failed" in lowered or "authentication failed" in lowered:
+        return f"roster store refused the login of user {parsed.username} at {where}"
+    if isinstance(exc, sa.exc.OperationalError):
+        return f"roster store unreachable at {where}: {detail}"
+    return f"roster store error at {where}: {type(exc.orig).__name__}: {detail}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends as one line on stderr and exit 1 (``--debug`` or
+    CAPTI_LOG_LEVEL=DEBUG re-raises unexpected errors with their traceback)."""
+    import sqlalchemy as sa
+
     config.apply_defaults()
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("CAPTI_LOG_LEVEL", "").upper() == "DEBUG"
     try:
         return int(args.func(args))
     except (
@@ -433,6 +481,24 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
     ) as exc:
         print(f"capti-sync: {exc}", file=sys.stderr)
+        return 1
+    except sa.exc.SQLAlchemyError as exc:
+        if debug:
+            raise
+        print(f"capti-sync: {_store_failure(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("capti-sync: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        command = " ".join(c for c in (args.command, getattr(args, "district_command", None)) if c)
+        print(
+            f"capti-sync: {command} failed: {type(exc).__name__}: {_first_line(exc)} "
+            "(capti-sync --debug ... shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

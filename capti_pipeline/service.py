@@ -1,6 +1,7 @@
 """Entry points shared by the CLI, the demo and the tests: register districts, run the Dagster job
 for one district partition against the instance in DAGSTER_HOME, and read results back."""
 
+import logging
 import os
 import shutil
 import socket
@@ -81,7 +82,13 @@ def register_district(
     spec = SourceSpec(
         url=source, sftp_key_path=sftp_key, known_hosts_path=known_hosts, password_env=password_env
     )
-    parse_source(spec)
+    parsed = parse_source(spec)
+    if parsed.kind == "local" and not Path(parsed.path).is_dir():
+        what = "is not a folder" if Path(parsed.path).exists() else "does not exist"
+        raise PermanentSourceError(
+            f"source folder {parsed.path} {what}; create it (or fix --source) and add the "
+            "district again"
+        )
     if source.startswith("sftp://") and not (sftp_key or password_env):
         raise PermanentSourceError("an SFTP source needs --sftp-key (or --password-env)")
     if source.startswith("sftp://") and not known_hosts:
@@ -222,16 +229,35 @@ def run_district_sync(
     if dry_run:
         tags[DRY_RUN_TAG] = "true"
         selection = [dg.AssetKey(name) for name in _DIAGNOSIS_ASSETS]
-    result = job.execute_in_process(
-        instance=instance,
-        partition_key=district_id,
-        tags=tags,
-        raise_on_error=False,
-        asset_selection=selection,
-        run_id=str(uuid.uuid4()),
-        run_config={"loggers": {"console": {"config": {"log_level": _console_log_level()}}}},
-    )
+    plan_logger = logging.getLogger(_PLAN_LOGGER)
+    quiet = _ExpectedSkipNotices()
+    if _console_log_level() != "DEBUG":
+        plan_logger.addFilter(quiet)
+    try:
+        result = job.execute_in_process(
+            instance=instance,
+            partition_key=district_id,
+            tags=tags,
+            raise_on_error=False,
+            asset_selection=selection,
+            run_id=str(uuid.uuid4()),
+            run_config={"loggers": {"console": {"config": {"log_level": _console_log_level()}}}},
+        )
+    finally:
+        plan_logger.removeFilter(quiet)
     return outcome_of(result.run_id, result.success, _failure_message(result))
+
+
+# Dagster's execution plan logs (Python logging, printed on stderr when nothing is configured)
+# that a blocking check "emitted no result" whenever its step was skipped: every not-ready
+# delivery skips the steps after intake on purpose. Only that notice is dropped.
+_PLAN_LOGGER = "dagster._core.execution.plan.active"
+
+
+class _ExpectedSkipNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Blocking asset check ") and "emitted no result" in message)
 
 
 def _console_log_level() -> str:
@@ -239,10 +265,36 @@ def _console_log_level() -> str:
 
 
 def _failure_message(result: dg.ExecuteInProcessResult) -> str:
+    """What failed, in one line: the step and the exception it raised (not Dagster's wrapper)."""
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-            return event.step_failure_data.error.message.strip().splitlines()[0]
+            return f"step {event.step_key} failed: {error_cause(event.step_failure_data.error)}"
     return "the Dagster run failed"
+
+
+# Dagster's own wrappers around what a step raised: the message worth showing is their cause.
+_DAGSTER_WRAPPERS = ("DagsterExecutionStepExecutionError", "DagsterUserCodeExecutionError")
+
+
+def error_cause(error: Any) -> str:
+    """One line for a Dagster ``SerializableErrorInfo``: the exception a step raised, with its
+    class name (the project's own errors carry operator-facing messages and are shown as is)."""
+    retries = ""
+    while error.cause is not None and (
+        error.cls_name in _DAGSTER_WRAPPERS
+        or error.cls_name.startswith("DagsterExecution")
+        or error.cls_name == "RetryRequested"
+    ):
+        if error.cls_name == "RetryRequested":
+            retries = f" ({error.message.strip().splitlines()[0].lower()})"
+        error = error.cause
+    lines = error.message.strip().splitlines() or [error.cls_name or "unknown error"]
+    line = lines[0]
+    prefix, sep, rest = line.partition(": ")
+    if sep and prefix.rsplit(".", 1)[-1] == error.cls_name:
+        own = prefix.startswith("capti_pipeline.") or error.cls_name == "Failure"
+        line = rest if own else f"{error.cls_name}: {rest}"
+    return line + retries
 
 
 def outcome_of(run_id: str, success: bool, failure_message: str) -> SyncOutcome:
