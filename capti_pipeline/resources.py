@@ -1,16 +1,13 @@
 """Dagster resources: thin, configurable wrappers over the pure lib/ modules."""
 
 import functools
-import os
-import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from sqlalchemy.engine import Engine
 
-from capti_pipeline.lib import notify
+from capti_pipeline.lib import notify, staging
 from capti_pipeline.lib.store import create_store_engine, migrate
 
 
@@ -75,7 +72,8 @@ class Notifier(dg.ConfigurableResource):
 
 
 class StagingIOManager(dg.ConfigurableIOManager):
-    """Hands assets' outputs to the next step as owner-only pickles, one per asset and district.
+    """Hands assets' outputs to the next step through owner-only files, one per asset and
+    district, whose data buffers are memory-mapped back instead of copied (lib/staging.py).
 
     Rosters hold personal data, so files are 0600 in 0700 folders and written atomically.
     """
@@ -85,21 +83,10 @@ class StagingIOManager(dg.ConfigurableIOManager):
     def _path(self, context: dg.OutputContext | dg.InputContext) -> Path:
         asset = "/".join(context.asset_key.path)
         partition = context.asset_partition_key if context.has_asset_partitions else "_"
-        return Path(self.base_dir) / "staging" / asset / f"{partition}.pkl"
+        return Path(self.base_dir) / "staging" / asset / f"{partition}.stg"
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        path = self._path(context)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                pickle.dump(obj, handle, protocol=pickle.HIGHEST_PROTOCOL)
-            os.chmod(temp, 0o600)
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        staging.dump(obj, self._path(context))
 
     def load_input(self, context: dg.InputContext) -> Any:
-        with self._path(context).open("rb") as handle:
-            return pickle.load(handle)
+        return staging.load(self._path(context))

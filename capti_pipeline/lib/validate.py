@@ -75,6 +75,10 @@ KEEP_COLUMNS = {
     "courses.csv": ("sourcedId", "status", "title"),
 }
 
+# Columns checked here that Capti's roster does not use: dropped from the validated frames (an
+# enrollment's school is its class's; millions of rows need not carry it to the next step).
+_CHECKED_ONLY = {"enrollments": ("schoolSourcedId", "primary")}
+
 # Vocabulary columns canonicalised case-insensitively before validation.
 _VOCABULARIES: dict[str, dict[str, tuple[str, ...]]] = {
     "orgs.csv": {"type": fmt.ORG_TYPES},
@@ -948,6 +952,9 @@ def _validate(directory: Path, known: KnownRecords, issues: list[Issue]) -> Vali
         clean[entity] = frame
 
     _check_references(clean, modes, known, protected, role_owners - {""}, issues)
+    for entity, unused in _CHECKED_ONLY.items():  # validated, but nothing downstream reads them
+        if entity in clean:
+            clean[entity] = clean[entity].drop(columns=list(unused), errors="ignore")
     return ValidatedDelivery(version, modes, clean, protected, issues, rows_read)
 
 
