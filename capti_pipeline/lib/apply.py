@@ -48,24 +48,24 @@ def apply_plan(conn: Connection, plan: Plan, run_id: str) -> AppliedChanges:
 
 
 def _ledger(conn: Connection, plan: Plan) -> dict[str, pd.DataFrame]:
-    """Before-images of every touched row (store columns), and the ids of created rows."""
+    """Before-images of every row the plan changes (store columns). Created rows need none:
+    they carry the run in `created_run`, which is how undo finds them."""
     ledger: dict[str, pd.DataFrame] = {}
     for entity in ENTITIES:
         changes = plan.changes.get(entity)
         if changes is None or changes.empty:
             continue
-        # Creates have no before-image: only the other rows are read and mapped (a first
-        # import of millions of rows reads nothing here).
+        # Only existing rows are read and mapped (a first import of millions reads nothing).
         existing = changes[~changes["action"].eq("create")]
+        if existing.empty:
+            continue
         before = st.read_full_rows(conn, plan.district_id, entity, existing["sourcedId"].tolist())
         before = before.drop(columns=["id"], errors="ignore")
-        # Nullable Int64: created rows (no before-image) must not turn 63-bit hashes into floats.
+        # Nullable Int64 keeps 63-bit hashes exact in the Parquet ledger (never floats).
         before["row_hash"] = before["row_hash"].astype("Int64")
         action_of = dict(zip(existing["sourcedId"], existing["action"], strict=True))
         before.insert(0, "action", before["sourced_id"].map(action_of))
-        created = changes[changes["action"].eq("create")]
-        created_rows = pd.DataFrame({"action": "create", "sourced_id": created["sourcedId"]})
-        ledger[entity] = pd.concat([before, created_rows], ignore_index=True)
+        ledger[entity] = before
     return ledger
 
 
@@ -216,22 +216,36 @@ def _wanted_memberships(
 
 
 def undo_plan(conn: Connection, district_id: str, run_ids: list[str]) -> Plan:
-    """The plan that reverts the given applied runs (newest first) to their before-images."""
+    """The plan that reverts the given applied runs (newest first): rows they changed go back to
+    their before-images, rows they created are deleted."""
     reverted: dict[str, pd.DataFrame] = {}
     version = st.get_district(conn, district_id).roster_version
     for run_id in run_ids:
         ledger = st.load_payload(conn, run_id, "ledger")
-        for entity, frame in ledger.items():
+        for entity in ENTITIES:
+            frame = ledger.get(entity, pd.DataFrame(columns=["action", "sourced_id"]))
+            created = st.read_table_columns(
+                conn,
+                st.ROSTER_TABLES[entity],
+                district_id,
+                ["sourced_id"],
+                where=("created_run", [run_id]),
+            )
+            # (Ledgers written before creates were found by `created_run` list them too.)
+            frame = pd.concat(
+                [frame, pd.DataFrame({"action": "create", "sourced_id": created["sourced_id"]})],
+                ignore_index=True,
+            ).drop_duplicates("sourced_id", keep="first")
             if frame.empty:
                 continue
             reverse = _reverse(entity, frame)
             if entity in reverted:
-                # The older run's before-image wins for rows both runs touched.
+                # The older run's before-image wins for rows both runs touched; a row created
+                # by one of the runs and touched again later ends up deleted.
                 newer = reverted[entity]
                 newer = newer[~newer["sourcedId"].isin(reverse["sourcedId"])]
                 reverse = pd.concat([newer, reverse], ignore_index=True)
             reverted[entity] = reverse
-    # A row created by one of the runs and touched again later must end up deleted.
     return Plan(district_id, version, {e: reverted[e] for e in ENTITIES if e in reverted})
 
 

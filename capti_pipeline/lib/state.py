@@ -206,25 +206,36 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
 def delta_from_changes(entity: str, changes: pd.DataFrame) -> pd.DataFrame:
     """The state rows one entity's plan changes produce: upserts carry every state column and
     their new status; archives and deletes only the sourcedId."""
-    action = changes["action"].astype("object")
-    upsert = action.isin(_UPSERT_ACTIONS).to_numpy()
-    op = np.where(upsert, UPSERT, np.where(action.eq("archive"), ARCHIVE, DELETE))
-    status = pd.Series("active", index=changes.index, dtype="object")
+    changes = changes.reset_index(drop=True)
+    action = changes["action"]
+    upsert = isin(action.astype("str"), _UPSERT_ACTIONS).to_numpy()
+    archive = action.eq("archive").to_numpy()
+    status = pd.Series(np.where(upsert, "active", ""), dtype="str")
     if "status" in changes.columns:  # undo's reverts restore the before-image status
-        reverted = action.eq("revert") & changes["status"].notna()
-        status[reverted] = changes["status"][reverted]
+        reverted = (action.eq("revert") & changes["status"].notna()).to_numpy()
+        if reverted.any():
+            status[reverted] = changes["status"][reverted].astype("str")
     frame = pd.DataFrame(
         {
-            "sourcedId": changes["sourcedId"].astype("str"),
-            "op": op,
-            "status": status.where(upsert, "").astype("str"),
+            "sourcedId": _as_str(changes["sourcedId"]),
+            "op": pd.Series(
+                np.where(upsert, UPSERT, np.where(archive, ARCHIVE, DELETE)), dtype="str"
+            ),
+            "status": status,
             "row_hash": changes["row_hash"].astype("Int64").fillna(0).astype("int64"),
         }
     )
     for column in STATE_COLUMNS[entity]:
-        values = changes[column].astype("object").where(upsert, "")
-        frame[column] = values.fillna("").astype("str")
-    return frame.reset_index(drop=True)
+        values = _as_str(changes[column])
+        frame[column] = values if upsert.all() else values.where(upsert, "")
+    return frame
+
+
+def _as_str(values: pd.Series) -> pd.Series:
+    """A `str` column (values as they are; missing values as empty strings)."""
+    if values.dtype != "str":
+        values = values.astype("object").where(values.notna(), "").astype("str")
+    return values.fillna("") if values.hasnans else values
 
 
 def collapse(deltas: list[pd.DataFrame]) -> pd.DataFrame | None:
@@ -255,7 +266,11 @@ def apply_delta(base: pd.DataFrame, delta: pd.DataFrame | None) -> pd.DataFrame:
     """`base` with a collapsed delta applied (row order is not meaningful)."""
     if delta is None or delta.empty:
         return base
-    touched = isin(base["sourcedId"], delta["sourcedId"])
+    touched = (
+        isin(base["sourcedId"], delta["sourcedId"])
+        if len(base)
+        else pd.Series(np.zeros(0, dtype=bool), index=base.index)
+    )
     if not touched.any():
         untouched, archived = base, base.iloc[:0]
     else:
