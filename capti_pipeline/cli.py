@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from capti_pipeline import config, service
-from capti_pipeline.lib import operations, sync
+from capti_pipeline.lib import operations, safety, sync
 from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.intake import IntakeError
@@ -100,9 +100,15 @@ def cmd_district_set(args: argparse.Namespace) -> int:
     values: dict[str, Any] = {}
     if args.thresholds is not None:
         try:
-            values["thresholds"] = json.loads(args.thresholds)
+            update = json.loads(args.thresholds)
         except json.JSONDecodeError as exc:
             raise UsageError(f"--thresholds is not valid JSON: {exc}") from exc
+        with service.engine().connect() as conn:
+            current = st.get_district(conn, args.district_id).thresholds
+        try:  # merged into the district's settings; null removes a key
+            values["thresholds"] = safety.merge_thresholds(current, update)
+        except safety.ThresholdsError as exc:
+            raise UsageError(f"--thresholds refused, nothing changed: {exc}") from exc
     if args.adds_only is not None:
         values["adds_only"] = args.adds_only == "on"
     if args.watch_uploads is not None:
@@ -117,6 +123,8 @@ def cmd_district_set(args: argparse.Namespace) -> int:
         st.get_district(conn, args.district_id)
         st.upsert_district(conn, args.district_id, **values)
     print(f"district {args.district_id} updated: {', '.join(values)}")
+    if "thresholds" in values:
+        print(f"thresholds now: {json.dumps(values['thresholds'], sort_keys=True)}")
     return 0
 
 
@@ -340,7 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     dlist.set_defaults(func=cmd_district_list)
     dset = dsub.add_parser("set", help="change a district's settings")
     dset.add_argument("district_id")
-    dset.add_argument("--thresholds", help='JSON, e.g. \'{"users": {"archive": {"percent": 5}}}\'')
+    dset.add_argument(
+        "--thresholds",
+        help='JSON merged into the district\'s thresholds, e.g. \'{"users": {"archive": '
+        '{"percent": 5}}}\'; null removes a key (\'{"users": {"archive": null}}\')',
+    )
     dset.add_argument(
         "--adds-only", choices=["on", "off"], help="apply creates only (summer rollover)"
     )

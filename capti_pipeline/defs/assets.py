@@ -20,6 +20,7 @@ from capti_pipeline.lib.apply import AppliedChanges
 from capti_pipeline.lib.diff import Plan
 from capti_pipeline.lib.issues import ERROR, Issue, file_error
 from capti_pipeline.lib.resolve import ResolvedRoster
+from capti_pipeline.lib.safety import ThresholdsError
 from capti_pipeline.lib.validate import ValidatedDelivery
 from capti_pipeline.resources import DeliveryStorage, Notifier, RosterStore
 
@@ -358,7 +359,18 @@ def roster_diff(
     district_id = context.partition_key
     run_id = context.run.run_id
     engine = roster_store.engine()
-    planned = sync.plan_sync(engine, district_id, resolved_roster)
+    try:
+        planned = sync.plan_sync(engine, district_id, resolved_roster)
+    except ThresholdsError as exc:  # malformed stored settings: fail clearly, apply nothing
+        reason = (
+            f"district {district_id} has invalid thresholds: {exc}; nothing applied (fix them "
+            f"with `capti-sync district set {district_id} --thresholds ...`)"
+        )
+        report = rp.build_report(
+            district_id=district_id, run_id=run_id, state=rp.FAILED, issues=[], reason=reason
+        )
+        _finish(roster_store, notifier, run_id, district_id, rp.FAILED, report)
+        raise dg.Failure(description=reason, allow_retries=False) from exc
     plan = planned.plan
     counts = plan.counts()
     dry_run = bool(context.run.tags.get(DRY_RUN_TAG))

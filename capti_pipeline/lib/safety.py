@@ -5,8 +5,14 @@ absolute count; a plan over any of them is held. Defaults follow Clever's holds:
 archived or more than 75 % updated of any entity. A district's own settings override them, e.g.
 `{"users": {"archive": {"percent": 5, "count": 200}}, "*": {"update": {"percent": 50}}}`.
 A first import (nothing active yet for that entity) is never held.
+
+The shape is checked (validate_thresholds) when an operator sets it and again before every run:
+entities users, enrollments, classes, locations or "*"; actions create, update, archive, restore;
+limits {"percent": >= 0, "count": >= 0}; top-level "shrink_percent" 0-100 tunes the completeness
+rule. Settings are merged into the district's existing ones (merge_thresholds), null removes a key.
 """
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,10 +39,132 @@ class Hold:
         return asdict(self)
 
 
+ENTITY_KEYS = (*ENTITIES, "*")
+LIMIT_KEYS = ("percent", "count")
+SHRINK_KEY = "shrink_percent"
+_EXAMPLE = '{"users": {"archive": {"percent": 5, "count": 200}}}'
+
+
+class ThresholdsError(ValueError):
+    """Thresholds that do not have the documented shape; the message names the bad key."""
+
+
+def _quoted(keys: tuple[str, ...]) -> str:
+    return ", ".join(f'"{k}"' for k in keys)
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def validate_thresholds(value: Any, *, allow_null: bool = False) -> None:
+    """Raise ThresholdsError naming the first key that does not fit the documented shape.
+
+    `allow_null`: an update given to merge_thresholds, where null means "remove this key".
+    """
+
+    def null_ok(item: Any) -> bool:
+        return allow_null and item is None
+
+    if not isinstance(value, dict):
+        raise ThresholdsError(f"thresholds must be a JSON object like {_EXAMPLE}, not {value!r}")
+    for key, per in value.items():
+        if key == SHRINK_KEY:
+            if null_ok(per):
+                continue
+            if not _is_number(per) or not 0 <= float(per) <= 100:
+                raise ThresholdsError(
+                    f'"{SHRINK_KEY}" must be a number from 0 to 100 (percent), not {per!r}'
+                )
+            continue
+        if key not in ENTITY_KEYS:
+            raise ThresholdsError(
+                f'unknown key "{key}": expected an entity ({_quoted(ENTITY_KEYS)}) '
+                f'or "{SHRINK_KEY}"'
+            )
+        if null_ok(per):
+            continue
+        if not isinstance(per, dict):
+            raise ThresholdsError(
+                f'"{key}" must be an object of actions, e.g. {{"archive": {{"percent": 5}}}}, '
+                f"not {per!r}"
+            )
+        for action, limits in per.items():
+            if action not in ACTIONS:
+                raise ThresholdsError(
+                    f'unknown action "{action}" in "{key}": expected one of {_quoted(ACTIONS)}'
+                )
+            if null_ok(limits):
+                continue
+            if not isinstance(limits, dict):
+                raise ThresholdsError(
+                    f'"{key}.{action}" must be an object like {{"percent": 5, "count": 200}}, '
+                    f"not {limits!r}"
+                )
+            for limit, number in limits.items():
+                if limit not in LIMIT_KEYS:
+                    raise ThresholdsError(
+                        f'unknown limit "{limit}" in "{key}.{action}": expected '
+                        f"{_quoted(LIMIT_KEYS)}"
+                    )
+                if null_ok(number):
+                    continue
+                if not _is_number(number) or float(number) < 0:
+                    raise ThresholdsError(
+                        f'"{key}.{action}.{limit}" must be a number >= 0, not {number!r}'
+                    )
+
+
+def merge_thresholds(current: dict[str, Any] | None, update: dict[str, Any]) -> dict[str, Any]:
+    """The district's thresholds with `update` merged in, key by key at every level; a null
+    value removes that key (and an entity or action left empty disappears, so the defaults
+    apply to it again). `update` is validated first; the result is validated too."""
+    validate_thresholds(update, allow_null=True)
+
+    def merge(base: Any, new: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base) if isinstance(base, dict) else {}
+        for key, value in new.items():
+            if value is None:
+                out.pop(key, None)
+            elif isinstance(value, dict):
+                merged = merge(out.get(key), value)
+                if merged:
+                    out[key] = merged
+                else:
+                    out.pop(key, None)
+            else:
+                out[key] = value
+        return out
+
+    merged = merge(current or {}, update)
+    try:
+        validate_thresholds(merged)
+    except ThresholdsError as exc:  # a bad key left over from before, not in this update
+        raise ThresholdsError(
+            f"the district's stored thresholds are invalid: {exc} (set it again, or remove it "
+            "with null)"
+        ) from None
+    return merged
+
+
+def shrink_percent(overrides: dict[str, Any] | None) -> float:
+    """The completeness rule's shrink limit of a district (validated)."""
+    validate_thresholds(overrides or {})
+    return float((overrides or {}).get(SHRINK_KEY, DEFAULT_SHRINK_PERCENT))
+
+
 def effective_thresholds(
     overrides: dict[str, Any] | None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Defaults, then the district's `*` entries, then its per-entity entries."""
+    """Defaults, then the district's `*` entries, then its per-entity entries.
+
+    Raises ThresholdsError for malformed settings (stored before they were validated, or
+    edited by hand): a run fails with that reason instead of crashing half-way."""
+    validate_thresholds(overrides or {})
     merged: dict[str, dict[str, dict[str, float]]] = {}
     layers = [DEFAULT_THRESHOLDS, overrides or {}]
     for entity in ENTITIES:
@@ -78,15 +206,15 @@ def check_thresholds(
                         f"the {percent:g}% limit",
                     )
                 )
-            elif absolute is not None and count > int(absolute):
+            elif absolute is not None and count > float(absolute):
                 holds.append(
                     Hold(
                         "threshold",
                         entity,
                         action,
                         count,
-                        f"{int(absolute)} records",
-                        f"{entity} {action}: {count} exceeds the limit of {int(absolute)} records",
+                        f"{absolute:g} records",
+                        f"{entity} {action}: {count} exceeds the limit of {absolute:g} records",
                     )
                 )
     return holds

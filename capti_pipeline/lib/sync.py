@@ -16,7 +16,7 @@ from capti_pipeline.lib import store as st
 from capti_pipeline.lib.apply import AppliedChanges, apply_plan, undo_plan
 from capti_pipeline.lib.diff import Plan, compute_plan, filter_adds_only
 from capti_pipeline.lib.resolve import ROLE_LABELS, ResolvedRoster, resolve_roster
-from capti_pipeline.lib.safety import Hold, check_completeness, check_thresholds
+from capti_pipeline.lib.safety import Hold, check_completeness, check_thresholds, shrink_percent
 from capti_pipeline.lib.state import StoreState, load_state, load_state_and_backfill
 from capti_pipeline.lib.validate import KnownRecords, ValidatedDelivery, validate_delivery
 
@@ -95,7 +95,7 @@ def plan_sync(engine: Engine, district_id: str, roster: ResolvedRoster) -> Plann
     active = {entity: state.active_count(entity) for entity in state.frames}
     holds = check_thresholds(plan, active, district.thresholds)
     last_rows = (last_applied.report.get("rows_read") if last_applied else None) or None
-    shrink = float(district.thresholds.get("shrink_percent", 50.0))
+    shrink = shrink_percent(district.thresholds)
     holds += check_completeness(roster.rows_read, roster.file_modes, last_rows, shrink)
     return PlannedSync(plan, holds, skipped)
 

@@ -157,8 +157,14 @@ def test_thresholds_configured_per_district_take_effect(imported, capsys):
     assert held.state == "held"
     assert held.report["holds"][0]["limit"] == "3 records"
     cli_out(capsys, "discard", "safe")
+    # Settings are merged: the users limit stays until removed with null.
     cli_out(
-        capsys, "district", "set", "safe", "--thresholds", '{"*": {"archive": {"percent": 50}}}'
+        capsys,
+        "district",
+        "set",
+        "safe",
+        "--thresholds",
+        '{"users": null, "*": {"archive": {"percent": 50}}}',
     )
     applied = env.run("safe")
     assert applied.state == "applied", applied.report
