@@ -284,7 +284,11 @@ def snapshot(engine: Engine, district_id: str) -> dict[str, Any]:
                 "email": r.email,
                 "identifier": r.identifier,
                 "grades": [g for g in r.grades.split(",") if g],
-                "locations": [loc for loc in r.locations.split(",") if loc],
+                # An archived user was removed from its schools (memberships ended): none shown.
+                # The store keeps its last locations, which a restore gives back.
+                "locations": (
+                    [loc for loc in r.locations.split(",") if loc] if r.status == "active" else []
+                ),
             }
             for r in users.itertuples(index=False)
         ],
