@@ -215,6 +215,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         issues=[],
         reason=run.reason,
     )
+    report = {**report, "state": run.state, "reason": run.reason or report.get("reason")}
+    if args.format in ("json", "csv"):
+        # Every affected sourcedId: a held or dry-run plan is stored whole (the report keeps a
+        # sample of 200 per action).
+        changes = None
+        if run.state in (rp.HELD, rp.DRY_RUN):
+            changes = sync.load_plan(service.engine(), run).changes
+        report = rp.with_every_affected_id(report, changes)
     if args.format == "json":
         _print_json(report)
     elif args.format == "csv":

@@ -21,8 +21,22 @@ FAILED = "failed"
 NOT_READY = "not_ready"
 DISCARDED = "discarded"
 APPROVED = "approved"
+# A held plan that can no longer be approved: a newer hold replaced it, or a later run changed
+# the roster (its stored plan is dropped).
+SUPERSEDED = "superseded"
 
+# The stored report keeps this many sourcedIds per entity and action (the counts are always
+# complete); `capti-sync report --format json|csv` reads every id of a held or dry-run plan
+# from the stored plan.
 MAX_LISTED_IDS = 200
+MARKDOWN_SAMPLE_IDS = 50
+# Where each entity comes from, for the CSV's file column.
+_ENTITY_FILES = {
+    "locations": "orgs.csv",
+    "users": "users.csv",
+    "classes": "classes.csv",
+    "enrollments": "enrollments.csv",
+}
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -100,9 +114,11 @@ def to_markdown(report: dict[str, Any], *, max_issues: int = 200) -> str:
         lines += ["", "## Affected records (sourcedIds)", ""]
         for entity, per in affected.items():
             for action, ids in per.items():
-                shown = ", ".join(ids[:50])
-                more = f" … (+{len(ids) - 50})" if len(ids) > 50 else ""
-                lines.append(f"- {entity} {action} ({len(ids)}): {shown}{more}")
+                total = affected_total(report, entity, action)
+                shown = ", ".join(ids[:MARKDOWN_SAMPLE_IDS])
+                rest = total - min(len(ids), MARKDOWN_SAMPLE_IDS)
+                more = f" … and {rest} more (--format csv for all)" if rest > 0 else ""
+                lines.append(f"- {entity} {action} ({total}): {shown}{more}")
     issues = report.get("issues") or []
     if issues:
         lines += [
@@ -149,18 +165,66 @@ def to_csv(report: dict[str, Any]) -> str:
                 spreadsheet_safe(issue["message"]),
             ]
         )
+    # Then one `change` row per affected sourcedId: the file it comes from, and what the run
+    # does (or, held or dry run, would do) to it.
+    for entity, per in (report.get("affected") or {}).items():
+        for action, ids in per.items():
+            file = _ENTITY_FILES.get(entity, entity)
+            for sourced_id in ids:
+                writer.writerow(
+                    ["change", file, "", "", spreadsheet_safe(sourced_id), f"{entity} {action}"]
+                )
+            missing = affected_total(report, entity, action) - len(ids)
+            if missing > 0:  # an applied run's report keeps a sample only: say so, never hide it
+                writer.writerow(
+                    [
+                        "change",
+                        file,
+                        "",
+                        "",
+                        "",
+                        f"{entity} {action}: {missing} more not listed (the stored report keeps "
+                        f"{len(ids)})",
+                    ]
+                )
     return buffer.getvalue()
 
 
+def affected_total(report: dict[str, Any], entity: str, action: str) -> int:
+    """How many records the run affects for one entity and action: the report's counts (always
+    complete), not the length of the listed sample."""
+    listed = len((report.get("affected") or {}).get(entity, {}).get(action) or [])
+    counted = ((report.get("counts") or {}).get(entity) or {}).get(action)
+    return max(listed, int(counted)) if isinstance(counted, int | float) else listed
+
+
 def affected_ids(
-    changes: dict[str, Any], limit: int = MAX_LISTED_IDS
+    changes: dict[str, Any], limit: int | None = MAX_LISTED_IDS
 ) -> dict[str, dict[str, list[str]]]:
+    """sourcedIds per entity and action of a plan's changes; at most `limit` per action
+    (None: every one)."""
     out: dict[str, dict[str, list[str]]] = {}
     for entity, frame in changes.items():
         if frame is None or frame.empty:
             continue
         per: dict[str, list[str]] = {}
         for action, group in frame.groupby("action", sort=True)["sourcedId"]:
-            per[str(action)] = group.head(limit).tolist()
+            ids = group if limit is None else group.head(limit)
+            per[str(action)] = ids.tolist()
         out[entity] = per
     return out
+
+
+def with_every_affected_id(
+    report: dict[str, Any], changes: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The report with every affected sourcedId of its plan when `changes` (the stored plan) is
+    given; `affected_complete` says whether the lists are complete."""
+    if changes:
+        return {**report, "affected": affected_ids(changes, limit=None), "affected_complete": True}
+    complete = all(
+        len(ids) >= affected_total(report, entity, action)
+        for entity, per in (report.get("affected") or {}).items()
+        for action, ids in per.items()
+    )
+    return {**report, "affected_complete": complete}
