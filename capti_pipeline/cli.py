@@ -189,6 +189,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         changed = {e: {a: n for a, n in per.items() if n} for e, per in counts.items()}
         changed = {e: per for e, per in changed.items() if per}
         print(f"  counts: {json.dumps(changed) if changed else 'no changes'}")
+        if row["held"]:
+            print(
+                f"  held plan: run {row['held_run_id']} ({row['held_reason']}); capti-sync "
+                f"report {row['district']} --run {row['held_run_id']}, then approve or discard"
+            )
         print(f"  next scheduled run: {nxt_text}")
         for request in row.get("import_requests") or (
             [row["last_import_request"]] if row["last_import_request"] else []

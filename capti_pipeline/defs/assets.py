@@ -408,6 +408,8 @@ def roster_diff(
             counts=counts,
             base_version=plan.base_version,
         )
+        if held:  # a newer hold replaces the district's older held plans
+            sync.supersede_older_holds(engine, district_id, run_id)
     yield dg.Output(
         plan,
         metadata={

@@ -36,6 +36,7 @@ _FINISHED_STATES = (
     rp.DRY_RUN,
     rp.APPROVED,
     rp.DISCARDED,
+    rp.SUPERSEDED,
 )
 
 
@@ -324,9 +325,24 @@ def _iso_eastern(stored: datetime | None) -> str | None:
     return aware.astimezone(EASTERN).isoformat() if aware else None
 
 
+def pending_held_run(conn: Connection, district_id: str) -> st.RunRecord | None:
+    """The held plan waiting for `capti-sync approve` / `discard`, if any.
+
+    A held plan stays pending whatever runs come after it that change nothing (dry runs,
+    deliveries not ready, refused or failed runs, no_changes): it is the latest run in state
+    held. It stops being pending when it is approved or discarded, or superseded: by a newer
+    hold, or by a later run that applied changes to the district (sync.supersede_held_plans;
+    its base roster version is stale then, and approve would refuse it anyway).
+    """
+    return st.latest_run(conn, district_id, states=[rp.HELD])
+
+
 def district_status(conn: Connection, district: st.District, now: datetime) -> dict[str, Any]:
     """One district as `capti-sync status` shows it; every time is in America/New_York."""
     last = st.latest_run(conn, district.id)
+    held = pending_held_run(conn, district.id)
+    if held is not None and held.base_version not in (None, district.roster_version):
+        held = None  # computed against an older roster: approve would refuse it
     last_finished = st.latest_run(conn, district.id, states=list(_FINISHED_STATES))
     nxt = next_run_for(district, now)
     requests = recent_requests(conn, district.id, limit=1)
@@ -339,7 +355,9 @@ def district_status(conn: Connection, district: st.District, now: datetime) -> d
         "paused_until": _iso_eastern(district.paused_until),
         "pause_reason": district.pause_reason,
         "adds_only": district.adds_only,
-        "held": bool(last and last.state == rp.HELD),
+        "held": held is not None,
+        "held_run_id": held.run_id if held else None,
+        "held_reason": held.reason if held else None,
         "running": bool(last and last.state == RUNNING),
         "last_run_id": last.run_id if last else None,
         "last_run_state": last.state if last else None,

@@ -3,6 +3,9 @@
 read → validate → resolve → diff → (safety) → apply → report. Nothing here knows about Dagster.
 """
 
+import json
+import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from capti_pipeline.lib import operations
 from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.apply import AppliedChanges, apply_plan, undo_plan
@@ -85,24 +89,78 @@ def plan_sync(engine: Engine, district_id: str, roster: ResolvedRoster) -> Plann
                 )
             ).scalars()
         )
-        last_applied = st.latest_run(
-            conn, district_id, states=[rp.APPLIED, rp.NO_CHANGES, rp.APPROVED]
-        )
+        last_rows = completeness_baseline(conn, district_id)
     plan = compute_plan(district_id, roster, state, allowed_duplicates=allowed)
     skipped: dict[str, int] = {}
     if district.adds_only:
         plan, skipped = filter_adds_only(plan)
     active = {entity: state.active_count(entity) for entity in state.frames}
     holds = check_thresholds(plan, active, district.thresholds)
-    last_rows = (last_applied.report.get("rows_read") if last_applied else None) or None
     shrink = shrink_percent(district.thresholds)
     holds += check_completeness(roster.rows_read, roster.file_modes, last_rows, shrink)
     return PlannedSync(plan, holds, skipped)
 
 
+def completeness_baseline(conn: sa.Connection, district_id: str) -> dict[str, int] | None:
+    """rows_read of the delivery the roster currently reflects, for the completeness rule.
+
+    The latest sync run that applied its delivery or found nothing to change, or approve run
+    (it carries the rows_read of the plan it applied, at the time it applied it), that was not
+    undone. Undo runs have no delivery; runs between an undone run and its undo (a no_changes
+    run against the undone roster, say) do not count either: the roster went back to before them.
+    """
+    runs = sa.select(
+        st.sync_runs.c.run_id,
+        st.sync_runs.c.kind,
+        st.sync_runs.c.state,
+        st.sync_runs.c.started_at,
+    ).where(st.sync_runs.c.district_id == district_id)
+    rows = conn.execute(
+        runs.order_by(st.sync_runs.c.started_at.desc(), st.sync_runs.c.run_id.desc())
+    ).all()
+    started = {row.run_id: row.started_at for row in rows}
+    undone_spans = []
+    for row in rows:
+        if row.kind == "undo" and row.state == rp.APPLIED:
+            undo = st.get_run(conn, row.run_id)
+            reverted_ids = (undo.report if undo else {}).get("reverted_runs") or []
+            reverted = [started[r] for r in reverted_ids if r in started]
+            if reverted:
+                undone_spans.append((min(reverted), row.started_at))
+    for row in rows:
+        if not (
+            (row.kind == "sync" and row.state in (rp.APPLIED, rp.NO_CHANGES))
+            or (row.kind == "approve" and row.state == rp.APPLIED)
+        ):
+            continue
+        if any(start <= row.started_at < end for start, end in undone_spans):
+            continue
+        run = st.get_run(conn, row.run_id)
+        rows_read = (run.report if run else {}).get("rows_read")
+        if rows_read:
+            return dict(rows_read)
+    return None
+
+
 def apply_in_transaction(engine: Engine, plan: Plan, run_id: str) -> AppliedChanges:
+    """Apply the plan in one transaction (held plans of the district are superseded in it)."""
     with engine.begin() as conn:
-        return apply_plan(conn, plan, run_id)
+        return _apply(conn, plan, run_id)
+
+
+def _apply(
+    conn: sa.Connection, plan: Plan, run_id: str, *, approving: str | None = None
+) -> AppliedChanges:
+    """apply_plan, and the district's held plans (but the one being approved) superseded in the
+    same transaction: they were computed against the roster this apply changes."""
+    applied = apply_plan(conn, plan, run_id)
+    supersede_held_plans(
+        conn,
+        plan.district_id,
+        f"superseded: run {run_id} changed the roster after this plan was computed",
+        keep=approving,
+    )
+    return applied
 
 
 def store_plan(engine: Engine, run_id: str, plan: Plan) -> None:
@@ -123,64 +181,158 @@ class NothingHeldError(Exception):
     pass
 
 
+def supersede_held_plans(
+    conn: sa.Connection, district_id: str, reason: str, *, keep: str | None = None
+) -> list[str]:
+    """Mark the district's held plans (but `keep`) superseded and drop their stored plans.
+
+    The district's own state is left alone: it describes the run that caused this."""
+    query = sa.select(st.sync_runs.c.run_id).where(
+        st.sync_runs.c.district_id == district_id, st.sync_runs.c.state == rp.HELD
+    )
+    if keep is not None:
+        query = query.where(st.sync_runs.c.run_id != keep)
+    superseded = list(conn.execute(query).scalars())
+    for held_id in superseded:
+        conn.execute(
+            st.sync_runs.update()
+            .where(st.sync_runs.c.run_id == held_id)
+            .values(state=rp.SUPERSEDED, reason=reason)
+        )
+        st.drop_payload(conn, held_id, "plan")
+    return superseded
+
+
+def supersede_older_holds(engine: Engine, district_id: str, newer_run_id: str) -> list[str]:
+    """A new hold replaces the district's older held plans (called once it is recorded)."""
+    with engine.begin() as conn:
+        return supersede_held_plans(
+            conn,
+            district_id,
+            f"superseded by the newer held plan of run {newer_run_id}",
+            keep=newer_run_id,
+        )
+
+
 def held_run(engine: Engine, district_id: str) -> st.RunRecord:
+    """The district's pending held plan (see operations.pending_held_run for the rule)."""
     with engine.connect() as conn:
-        run = st.latest_run(conn, district_id)
-    if run is None or run.state != rp.HELD:
-        raise NothingHeldError(f"district {district_id} has no held plan")
-    return run
+        st.get_district(conn, district_id)
+        run = operations.pending_held_run(conn, district_id)
+        if run is not None:
+            return run
+        last = st.latest_run(conn, district_id, states=[rp.SUPERSEDED])
+    detail = f" (the last one, run {last.run_id}, was {last.reason})" if last else ""
+    raise NothingHeldError(f"district {district_id} has no held plan{detail}")
+
+
+def _start_operator_run(
+    conn: sa.Connection, run_id: str, district_id: str, *, kind: str, trigger: str, source: str
+) -> None:
+    """Record an approve/undo run, which runs in the operator's CLI process and not in Dagster:
+    its pid and host are kept in the running report, so `capti-sync status` can tell a killed
+    process from a live one (run_status.fail_dead_operator_runs)."""
+    st.record_run_start(conn, run_id, district_id, kind=kind, trigger=trigger, source_run_id=source)
+    running = rp.build_report(
+        district_id=district_id,
+        run_id=run_id,
+        state="running",
+        issues=[],
+        reason=f"{kind} in progress",
+        extra={"runner": {"pid": os.getpid(), "host": socket.gethostname()}},
+    )
+    conn.execute(
+        st.sync_runs.update()
+        .where(st.sync_runs.c.run_id == run_id)
+        .values(report=json.dumps(running, sort_keys=True))
+    )
+
+
+def _fail_operator_run(engine: Engine, district_id: str, run_id: str, reason: str) -> None:
+    report = rp.build_report(
+        district_id=district_id, run_id=run_id, state=rp.FAILED, issues=[], reason=reason
+    )
+    with engine.begin() as conn:
+        st.record_run_end(conn, run_id, state=rp.FAILED, reason=reason, report=report)
 
 
 def approve_held_plan(engine: Engine, district_id: str, run_id: str, actor: str) -> dict[str, Any]:
-    """Apply exactly the stored plan of the held run (no re-read of newer files)."""
+    """Apply exactly the stored plan of the pending held run (no re-read of newer files).
+
+    A plan computed against an older roster version is refused (StalePlanError) and marked
+    superseded: it no longer describes what would change."""
     held = held_run(engine, district_id)
     plan = load_plan(engine, held)
+    if not plan.changes and plan_total(held) > 0:
+        raise NothingHeldError(
+            f"district {district_id}: the stored plan of held run {held.run_id} is missing"
+        )
     with engine.begin() as conn:
-        st.record_run_start(
+        _start_operator_run(
             conn,
             run_id,
             district_id,
             kind="approve",
             trigger=f"approve:{actor}",
-            source_run_id=held.run_id,
+            source=held.run_id,
         )
+    reason = f"approved held plan of run {held.run_id} by {actor}"
     try:
-        applied = apply_in_transaction(engine, plan, run_id)
-    except st.StalePlanError as exc:
-        report = rp.build_report(
-            district_id=district_id, run_id=run_id, state=rp.FAILED, issues=[], reason=str(exc)
-        )
+        # The apply and the records of its outcome commit together: a killed process leaves
+        # either nothing applied (the record says running until status sees the process gone)
+        # or everything applied and recorded.
         with engine.begin() as conn:
-            st.record_run_end(conn, run_id, state=rp.FAILED, reason=str(exc), report=report)
+            applied = _apply(conn, plan, run_id, approving=held.run_id)
+            report = rp.build_report(
+                district_id=district_id,
+                run_id=run_id,
+                state=rp.APPLIED,
+                issues=[],
+                counts=applied.counts,
+                reason=reason,
+                rows_read=held.report.get("rows_read"),
+                extra={"rows_written": applied.rows_written},
+            )
+            st.record_run_end(
+                conn,
+                held.run_id,
+                state=rp.APPROVED,
+                reason=f"approved by {actor} as run {run_id}",
+            )
+            st.record_run_end(
+                conn,
+                run_id,
+                state=rp.APPLIED,
+                reason=reason,
+                counts=applied.counts,
+                report=report,
+                base_version=plan.base_version,
+            )
+            st.drop_payload(conn, held.run_id, "plan")
+    except st.StalePlanError as exc:
+        _fail_operator_run(engine, district_id, run_id, str(exc))
+        with engine.begin() as conn:
+            supersede_held_plans(
+                conn,
+                district_id,
+                f"superseded: approve run {run_id} found the roster changed since this plan "
+                "was computed",
+            )
         raise
-    report = rp.build_report(
-        district_id=district_id,
-        run_id=run_id,
-        state=rp.APPLIED,
-        issues=[],
-        counts=applied.counts,
-        reason=f"approved held plan of run {held.run_id} by {actor}",
-        rows_read=held.report.get("rows_read"),
-        extra={"rows_written": applied.rows_written},
-    )
-    with engine.begin() as conn:
-        st.record_run_end(
-            conn,
-            held.run_id,
-            state=rp.APPROVED,
-            reason=f"approved by {actor} as run {run_id}",
-        )
-        st.record_run_end(
-            conn,
-            run_id,
-            state=rp.APPLIED,
-            reason=report["reason"],
-            counts=applied.counts,
-            report=report,
-            base_version=plan.base_version,
-        )
-        st.drop_payload(conn, held.run_id, "plan")
+    except Exception as exc:
+        _fail_operator_run(engine, district_id, run_id, f"approve failed: {exc}"[:2000])
+        raise
     return report
+
+
+def plan_total(run: st.RunRecord) -> int:
+    """Changes a stored plan holds, from its run's counts (memberships follow users)."""
+    return sum(
+        int(n)
+        for entity, per in (run.counts or {}).items()
+        if entity != "memberships" and isinstance(per, dict)
+        for n in per.values()
+    )
 
 
 def discard_held_plan(engine: Engine, district_id: str, actor: str) -> st.RunRecord:
@@ -217,40 +369,39 @@ def undo_runs(
     to_revert = ids[: ids.index(target_run_id) + 1]
     with engine.begin() as conn:
         plan = undo_plan(conn, district_id, to_revert)
-        st.record_run_start(
-            conn,
-            run_id,
-            district_id,
-            kind="undo",
-            trigger=f"undo:{actor}",
-            source_run_id=target_run_id,
+        _start_operator_run(
+            conn, run_id, district_id, kind="undo", trigger=f"undo:{actor}", source=target_run_id
         )
-    changes = apply_in_transaction(engine, plan, run_id)
     reverted = ", ".join(to_revert)
-    report = rp.build_report(
-        district_id=district_id,
-        run_id=run_id,
-        state=rp.APPLIED,
-        issues=[],
-        counts=changes.counts,
-        reason=f"undo by {actor}: reverted run(s) {reverted}",
-        extra={"reverted_runs": to_revert, "rows_written": changes.rows_written},
-    )
-    with engine.begin() as conn:
-        st.record_run_end(
-            conn,
-            run_id,
-            state=rp.APPLIED,
-            reason=report["reason"],
-            counts=changes.counts,
-            report=report,
-        )
-        for reverted_id in to_revert:
-            conn.execute(
-                st.sync_runs.update()
-                .where(st.sync_runs.c.run_id == reverted_id)
-                .values(state="undone", reason=f"undone by run {run_id}")
+    try:
+        with engine.begin() as conn:  # apply and records commit together (see approve)
+            changes = _apply(conn, plan, run_id)
+            report = rp.build_report(
+                district_id=district_id,
+                run_id=run_id,
+                state=rp.APPLIED,
+                issues=[],
+                counts=changes.counts,
+                reason=f"undo by {actor}: reverted run(s) {reverted}",
+                extra={"reverted_runs": to_revert, "rows_written": changes.rows_written},
             )
+            st.record_run_end(
+                conn,
+                run_id,
+                state=rp.APPLIED,
+                reason=report["reason"],
+                counts=changes.counts,
+                report=report,
+            )
+            for reverted_id in to_revert:
+                conn.execute(
+                    st.sync_runs.update()
+                    .where(st.sync_runs.c.run_id == reverted_id)
+                    .values(state="undone", reason=f"undone by run {run_id}")
+                )
+    except Exception as exc:
+        _fail_operator_run(engine, district_id, run_id, f"undo failed: {exc}"[:2000])
+        raise
     return report
 
 
