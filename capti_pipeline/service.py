@@ -18,8 +18,14 @@ from capti_pipeline.defs.partitions import districts_partitions
 from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.intake import PermanentSourceError, SourceSpec, parse_source
-from capti_pipeline.lib.run_status import RecordedFailure, fail_dead_runs, record_dagster_failure
-from capti_pipeline.resources import store_engine
+from capti_pipeline.lib.run_status import (
+    RecordedFailure,
+    fail_dead_operator_runs,
+    fail_dead_runs,
+    process_is_gone,
+    record_dagster_failure,
+)
+from capti_pipeline.resources import Notifier, store_engine
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -156,16 +162,9 @@ def _in_progress(instance: dg.DagsterInstance, district_id: str) -> list[str]:
 
 def _runner_is_gone(run: dg.DagsterRun) -> bool:
     """True only when we can tell: a CLI run on this host whose process no longer exists."""
-    pid, host = run.tags.get(RUNNER_PID_TAG), run.tags.get(RUNNER_HOST_TAG)
-    if not pid or host != socket.gethostname() or run.status != dg.DagsterRunStatus.STARTED:
+    if run.status != dg.DagsterRunStatus.STARTED:
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
+    return process_is_gone(run.tags.get(RUNNER_PID_TAG), run.tags.get(RUNNER_HOST_TAG))
 
 
 def _fail_if_runner_died(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
@@ -182,7 +181,9 @@ def _fail_if_runner_died(instance: dg.DagsterInstance, run: dg.DagsterRun) -> st
 
 def reconcile_dead_runs(instance: dg.DagsterInstance | None = None) -> list[RecordedFailure]:
     """Record as failed every roster-store run that says running but whose Dagster run is over
-    (failed, canceled, or a killed CLI process); `capti-sync status` calls this first."""
+    (failed, canceled, or a killed CLI process), and every approve/undo whose `capti-sync`
+    process was killed; `capti-sync status` calls this first."""
+    operator_failures = fail_dead_operator_runs(engine())
     instance = instance or dagster_instance()
 
     def why_dead(record: st.RunRecord) -> str | None:
@@ -195,7 +196,7 @@ def reconcile_dead_runs(instance: dg.DagsterInstance | None = None) -> list[Reco
             return "the Dagster run ended without recording an outcome"
         return _fail_if_runner_died(instance, run)
 
-    return fail_dead_runs(engine(), why_dead)
+    return operator_failures + fail_dead_runs(engine(), why_dead)
 
 
 def run_district_sync(

@@ -6,6 +6,8 @@ before its first step). Those runs would otherwise stay "running" forever, so th
 sensor, `service.outcome_of` and `capti-sync status` all come through here.
 """
 
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,8 +18,11 @@ from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
 
 RUNNING = "running"
-# Kinds that are Dagster runs (approve/undo run inside the CLI process, not in Dagster).
+# Kinds that are Dagster runs, judged by how their Dagster run ended.
 DAGSTER_KINDS = ("sync", "dry_run")
+# Kinds that run inside the operator's `capti-sync` process, not in Dagster: judged by whether
+# that process still exists (its pid and host are in the running record's report).
+OPERATOR_KINDS = ("approve", "undo")
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,51 @@ def fail_dead_runs(
         message = why_dead(record)
         if message is None:
             continue
+        failure = record_dagster_failure(engine, record.run_id, message)
+        if failure is not None and failure.notify:
+            failures.append(failure)
+    return failures
+
+
+def process_is_gone(pid: str | int | None, host: str | None) -> bool:
+    """True only when we can tell: a process of this host whose pid no longer exists.
+
+    The same test for `capti-sync run` (Dagster run tags) and approve/undo (store record)."""
+    if not pid or host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
+
+
+def fail_dead_operator_runs(engine: Engine) -> list[RecordedFailure]:
+    """Record as failed every approve/undo still 'running' whose `capti-sync` process is gone
+    (killed: its transaction died with it, so nothing of it was applied). Records without a
+    runner (written by an older version) are left alone: nothing tells whether they live."""
+    with engine.connect() as conn:
+        run_ids = list(
+            conn.execute(
+                sa.select(st.sync_runs.c.run_id).where(
+                    st.sync_runs.c.state == RUNNING, st.sync_runs.c.kind.in_(OPERATOR_KINDS)
+                )
+            ).scalars()
+        )
+        records = [st.get_run(conn, run_id) for run_id in run_ids]
+    failures = []
+    for record in records:
+        runner = (record.report or {}).get("runner") if record else None
+        if not isinstance(runner, dict) or not process_is_gone(
+            runner.get("pid"), runner.get("host")
+        ):
+            continue
+        message = (
+            f"the capti-sync {record.kind} process {runner['pid']} running it is gone (killed?); "
+            "nothing of it was applied"
+        )
         failure = record_dagster_failure(engine, record.run_id, message)
         if failure is not None and failure.notify:
             failures.append(failure)
