@@ -56,6 +56,14 @@ def engine():
     return store_engine(os.environ["CAPTI_DATABASE_URL"])
 
 
+def notifier() -> Notifier:
+    """The webhook notifier as the code location configures it (same environment variables)."""
+    return Notifier(
+        webhook_url=os.environ.get("CAPTI_WEBHOOK_URL", ""),
+        ui_base_url=os.environ.get("CAPTI_UI_BASE_URL", ""),
+    )
+
+
 def ensure_dagster_home() -> Path:
     """DAGSTER_HOME (default .capti/dagster_home) exists and holds the project's dagster.yaml."""
     home = config.dagster_home()
@@ -302,7 +310,11 @@ def outcome_of(run_id: str, success: bool, failure_message: str) -> SyncOutcome:
     with engine().connect() as conn:
         run = st.get_run(conn, run_id)
     if run is None or run.state == "running":
-        record_dagster_failure(engine(), run_id, failure_message)
+        # The run died outside the assets' own error handling (which record and notify): record
+        # it, and notify as the failure sensor does for daemon runs.
+        failure = record_dagster_failure(engine(), run_id, failure_message)
+        if failure is not None and failure.notify:
+            notifier().send(failure.district_id, rp.FAILED, failure.reason, run_id)
         with engine().connect() as conn:
             run = st.get_run(conn, run_id)
     if run is None:

@@ -1,6 +1,8 @@
 """Failed, refused and held runs notify a webhook with district, reason and a link to the run."""
 
 import json
+import shutil
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -64,3 +66,53 @@ def test_refused_and_held_runs_are_notified(
     # No personal data in what leaves the building.
     names = set(district.frames["users"]["familyName"])
     assert not any(name in json.dumps(received) for name in names)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_failed_runs_are_notified(capti_env: CaptiEnv, receiver, monkeypatch, tmp_path: Path):
+    url, received = receiver
+    monkeypatch.setenv("CAPTI_WEBHOOK_URL", url)
+    monkeypatch.setenv("CAPTI_UI_BASE_URL", "http://dagster.example:3000")
+
+    # The district's folder disappeared: the intake step records the failure itself.
+    drop = tmp_path / "drop"
+    write_delivery(generate_district(DistrictSpec(district_id="gone", students=20)), drop)
+    capti_env.register("gone", drop)
+    shutil.rmtree(drop)
+    failed = capti_env.run("gone")
+    assert (failed.state, failed.exit_code) == ("failed", 1)
+    [message] = received
+    assert (message["district"], message["state"], message["run_id"]) == (
+        "gone",
+        "failed",
+        failed.run_id,
+    )
+    assert message["run_url"] == f"http://dagster.example:3000/runs/{failed.run_id}"
+    assert message["reason"] == failed.report["reason"]
+
+    # The SFTP server refuses every connection: retried, then the step fails outside the
+    # asset's own handling; the failure is recorded and notified all the same.
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    monkeypatch.setenv("CAPTI_TEST_SFTP_PASSWORD", "not-used")
+    capti_env.register(
+        "down",
+        f"sftp://capti@127.0.0.1:{_closed_port()}/drop",
+        known_hosts=str(known_hosts),
+        password_env="CAPTI_TEST_SFTP_PASSWORD",
+    )
+    down = capti_env.run("down")
+    assert (down.state, down.exit_code) == ("failed", 1), down.report
+    assert len(received) == 2
+    assert (received[-1]["district"], received[-1]["state"], received[-1]["run_id"]) == (
+        "down",
+        "failed",
+        down.run_id,
+    )
+    assert received[-1]["reason"] and received[-1]["reason"] in down.report["reason"]
+    assert capti_env.snapshot("down")["users"] == []
