@@ -6,15 +6,16 @@ or `kill -9` anywhere leaves the store exactly as it was before the run.
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from capti_pipeline.lib import state
 from capti_pipeline.lib import store as st
-from capti_pipeline.lib.diff import Plan
+from capti_pipeline.lib.diff import Plan, location_pairs
 from capti_pipeline.lib.failpoints import failpoint
-from capti_pipeline.lib.fastops import isin
+from capti_pipeline.lib.fastops import isin, sort_order
 from capti_pipeline.lib.resolve import ENTITIES, VALUE_COLUMNS
 
 # Restores and updates write every value column, so they share one statement.
@@ -80,14 +81,18 @@ def _write_entity(
 
     creates = changes[changes["action"].eq("create")]
     if not creates.empty:
-        frame = creates.assign(
-            district_id=district_id, status="active", created_run=run_id, updated_run=run_id
-        )
-        columns = ["district_id", "sourcedId", *value_columns, "status", "row_hash"]
-        columns += ["created_run", "updated_run"]
-        target = ["district_id", "sourced_id", *store_columns, "status", "row_hash"]
-        frame = frame[columns].set_axis([*target, "created_run", "updated_run"], axis=1)
-        written += st.insert_frame(conn, table, frame.reset_index(drop=True))
+        frame = creates[["sourcedId", *value_columns, "row_hash"]]
+        frame = frame.set_axis(["sourced_id", *store_columns, "row_hash"], axis=1)
+        # In key order, the (district_id, sourced_id) index grows at its end instead of
+        # splitting pages all over (a third less time for millions of rows).
+        frame = frame.take(sort_order(frame["sourced_id"])).reset_index(drop=True)
+        constants = {
+            "district_id": district_id,
+            "status": "active",
+            "created_run": run_id,
+            "updated_run": run_id,
+        }
+        written += st.insert_frame(conn, table, frame, constants)
 
     full = changes[changes["action"].isin(_FULL_WRITE)]
     if not full.empty:
@@ -151,11 +156,15 @@ def _rewrite_memberships(
             _MEMBERSHIP_COLUMNS[1:],
             where=("user_sourced_id", affected.tolist()),
         )
-    key = ["user_sourced_id", "location_sourced_id"]
-    both = wanted.merge(existing, on=key, how="outer", suffixes=("", "_now"), indicator=True)
-    gone = both[both["_merge"].eq("right_only")]
-    new = both[both["_merge"].eq("left_only")]
-    restated = both[both["_merge"].eq("both") & both["status"].ne(both["status_now"])]
+    if existing.empty:  # e.g. a first import: every wanted row is new
+        gone = restated = existing.assign(status_now=existing["status"])
+        new = wanted
+    else:
+        key = ["user_sourced_id", "location_sourced_id"]
+        both = wanted.merge(existing, on=key, how="outer", suffixes=("", "_now"), indicator=True)
+        gone = both[both["_merge"].eq("right_only")]
+        new = both[both["_merge"].eq("left_only")]
+        restated = both[both["_merge"].eq("both") & both["status"].ne(both["status_now"])]
     written = st.execute_many(
         conn,
         "DELETE FROM memberships WHERE district_id = ? AND user_sourced_id = ? "
@@ -179,22 +188,21 @@ def _rewrite_memberships(
             strict=True,
         ),
     )
-    rows = new.assign(district_id=district_id)[_MEMBERSHIP_COLUMNS].reset_index(drop=True)
-    return written + st.insert_frame(conn, "memberships", rows)
+    rows = new[_MEMBERSHIP_COLUMNS[1:]].reset_index(drop=True)
+    return written + st.insert_frame(conn, "memberships", rows, {"district_id": district_id})
 
 
 def _wanted_memberships(
     district_id: str, user_changes: pd.DataFrame, before: pd.DataFrame | None
 ) -> pd.DataFrame:
     """(user, school, status) rows the touched users should have after the plan."""
-    kept = user_changes[~user_changes["action"].eq("delete")]
+    kept = user_changes[~user_changes["action"].eq("delete")].reset_index(drop=True)
     locations = kept["locations"].astype("object").fillna("").astype("str")
-    if "status" in kept.columns:
-        status = kept["status"].astype("object")
-        status = status.where(status.map(lambda v: isinstance(v, str)), "active")
-    else:
-        status = pd.Series("active", index=kept.index, dtype="object")
-    archive = kept["action"].eq("archive")
+    status = np.full(len(kept), "active", dtype=object)
+    if "status" in kept.columns:  # undo's reverts restore the before-image status
+        given = kept["status"].notna().to_numpy()
+        status[given] = kept["status"][given].astype("str").to_numpy(dtype=object)
+    archive = kept["action"].eq("archive").to_numpy()
     if archive.any():
         last = (
             dict(zip(before["sourced_id"], before["locations"].fillna(""), strict=True))
@@ -203,16 +211,14 @@ def _wanted_memberships(
         )
         locations[archive] = kept["sourcedId"][archive].map(lambda s: last.get(s, ""))
         status[archive] = "archived"
-    frame = pd.DataFrame(
+    pairs = location_pairs(kept["sourcedId"], locations)
+    return pd.DataFrame(
         {
-            "user_sourced_id": kept["sourcedId"].to_numpy(dtype=object),
-            "location_sourced_id": locations.str.split(",").to_numpy(dtype=object),
-            "status": status.astype("str").to_numpy(dtype=object),
+            "user_sourced_id": pairs["user"].astype("str"),
+            "location_sourced_id": pairs["location"].astype("str"),
+            "status": pd.Series(status[pairs["row"].to_numpy()], dtype="str"),
         }
-    ).explode("location_sourced_id")
-    frame = frame[frame["location_sourced_id"].notna() & frame["location_sourced_id"].ne("")]
-    frame = frame.drop_duplicates(["user_sourced_id", "location_sourced_id"])
-    return frame.astype("str").reset_index(drop=True)
+    )
 
 
 def undo_plan(conn: Connection, district_id: str, run_ids: list[str]) -> Plan:

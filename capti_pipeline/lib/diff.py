@@ -294,10 +294,10 @@ def _membership_changes(user_changes: pd.DataFrame, store: StoreState) -> dict[s
     stored = store.frames["users"]
     stored = stored[isin(stored["sourcedId"], user_changes["sourcedId"])]
     before = stored["locations"].where(stored["status"].eq("active"), "")
-    old = _membership_pairs(stored["sourcedId"], before).drop(columns="row")
+    old = location_pairs(stored["sourcedId"], before).drop(columns="row")
     after = user_changes["locations"].astype("object").fillna("").astype("str")
     after = after.where(~user_changes["action"].eq("archive").to_numpy(), "")
-    new = _membership_pairs(user_changes["sourcedId"], after)
+    new = location_pairs(user_changes["sourcedId"], after)
     added = new.merge(old, on=["user", "location"], how="left", indicator=True)
     listed = pd.DataFrame(
         {"row": np.arange(len(user_changes)), "user": user_changes["sourcedId"].to_numpy(object)}
@@ -310,17 +310,32 @@ def _membership_changes(user_changes: pd.DataFrame, store: StoreState) -> dict[s
     }
 
 
-def _membership_pairs(users: pd.Series, locations: pd.Series) -> pd.DataFrame:
-    """Distinct (row, user, location) of comma-joined location lists (row: position in users)."""
-    frame = pd.DataFrame(
-        {
-            "row": np.arange(len(users)),
-            "user": users.to_numpy(dtype=object),
-            "location": locations.astype("str").str.split(",").to_numpy(dtype=object),
-        }
-    ).explode("location")
-    frame = frame[frame["location"].notna() & frame["location"].ne("")]
-    return frame.drop_duplicates(["row", "location"]).reset_index(drop=True)
+def location_pairs(users: pd.Series, locations: pd.Series) -> pd.DataFrame:
+    """Distinct (row, user, location) of comma-joined location lists (row: position in
+    `users`). Most users have one school: only list cells are split."""
+    users = users.reset_index(drop=True)
+    locations = locations.reset_index(drop=True).astype("object").fillna("").astype("str")
+    rows = np.arange(len(users))
+    multi = locations.str.contains(",", regex=False).to_numpy(dtype=bool)
+    single = ~multi & locations.ne("").to_numpy(dtype=bool)
+    parts = [
+        pd.DataFrame(
+            {"row": rows[single], "user": users[single].array, "location": locations[single].array}
+        )
+    ]
+    if multi.any():
+        split = pd.DataFrame(
+            {
+                "row": rows[multi],
+                "user": users[multi].to_numpy(dtype=object),
+                "location": locations[multi].str.split(",").to_numpy(dtype=object),
+            }
+        ).explode("location")
+        split = split[split["location"].notna() & split["location"].ne("")]
+        parts.append(
+            split.drop_duplicates(["row", "location"]).astype({"user": "str", "location": "str"})
+        )
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 def filter_adds_only(plan: Plan) -> tuple[Plan, dict[str, int]]:

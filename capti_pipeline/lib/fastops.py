@@ -142,3 +142,11 @@ def map_distinct(series: pd.Series, func: Callable[[str], str]) -> pd.Series:
     return pd.Series(
         pd.array(mapped, dtype=series.dtype), index=series.index, name=series.name, copy=False
     )
+
+
+def sort_order(series: pd.Series) -> np.ndarray:
+    """Positions that sort a str column (byte order), through Arrow's sort."""
+    arrow = _arrow(series)
+    if arrow is None:
+        return np.argsort(series.to_numpy(dtype=object), kind="stable")
+    return pc.sort_indices(arrow).to_numpy(zero_copy_only=False)

@@ -210,7 +210,7 @@ def delta_from_changes(entity: str, changes: pd.DataFrame) -> pd.DataFrame:
     action = changes["action"]
     upsert = isin(action.astype("str"), _UPSERT_ACTIONS).to_numpy()
     archive = action.eq("archive").to_numpy()
-    status = pd.Series(np.where(upsert, "active", ""), dtype="str")
+    status = _labels(np.where(upsert, 0, 1), ("active", ""))
     if "status" in changes.columns:  # undo's reverts restore the before-image status
         reverted = (action.eq("revert") & changes["status"].notna()).to_numpy()
         if reverted.any():
@@ -218,9 +218,7 @@ def delta_from_changes(entity: str, changes: pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame(
         {
             "sourcedId": _as_str(changes["sourcedId"]),
-            "op": pd.Series(
-                np.where(upsert, UPSERT, np.where(archive, ARCHIVE, DELETE)), dtype="str"
-            ),
+            "op": _labels(np.where(upsert, 0, np.where(archive, 1, 2)), (UPSERT, ARCHIVE, DELETE)),
             "status": status,
             "row_hash": changes["row_hash"].astype("Int64").fillna(0).astype("int64"),
         }
@@ -229,6 +227,12 @@ def delta_from_changes(entity: str, changes: pd.DataFrame) -> pd.DataFrame:
         values = _as_str(changes[column])
         frame[column] = values if upsert.all() else values.where(upsert, "")
     return frame
+
+
+def _labels(codes: np.ndarray, labels: tuple[str, ...]) -> pd.Series:
+    """A `str` column of a few labels, built in Arrow (no Python string per row)."""
+    dictionary = pa.DictionaryArray.from_arrays(pa.array(codes, type=pa.int8()), list(labels))
+    return pd.Series(pd.array(dictionary.cast(pa.large_string()), dtype="str"))
 
 
 def _as_str(values: pd.Series) -> pd.Series:

@@ -8,6 +8,7 @@ apply bumps inside its transaction: that row lock serialises concurrent applies 
 
 import io
 import json
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -521,14 +522,34 @@ def execute_many(conn: Connection, sql: str, rows: Iterable[tuple[Any, ...]]) ->
 
 
 _INSERT_BATCH = 50_000
+# SQLite's ->> operator (3.38+) reads JSON array items as SQL values.
+_SQLITE_HAS_JSON_ARROWS = sqlite3.sqlite_version_info >= (3, 38, 0)
 
 
-def insert_frame(conn: Connection, table: str, frame: pd.DataFrame) -> int:
-    """Bulk insert of a frame whose columns are the target columns, in batches (bounded memory):
-    on PostgreSQL COPY of the frame written as CSV by pyarrow (no per-row Python), elsewhere
-    executemany."""
+def insert_frame(
+    conn: Connection, table: str, frame: pd.DataFrame, constants: dict[str, Any] | None = None
+) -> int:
+    """Bulk insert of a frame whose columns are target columns, plus `constants` (the same value
+    in every row), in batches (bounded memory), with no per-row Python: on PostgreSQL COPY of the
+    frame written as CSV by pyarrow; on SQLite one INSERT ... SELECT over a JSON array per batch
+    (pandas writes the JSON in C, SQLite reads it in C: half the cost of executemany's
+    per-value binding)."""
     if frame.empty:
         return 0
+    constants = constants or {}
+    if conn.dialect.name == "sqlite" and _SQLITE_HAS_JSON_ARROWS:
+        names = [*constants, *frame.columns]
+        values = [f"?{i + 2}" for i in range(len(constants))]
+        values += [f"value ->> {i}" for i in range(len(frame.columns))]
+        statement = (
+            f"INSERT INTO {table} ({', '.join(names)}) SELECT {', '.join(values)} "
+            "FROM json_each(?1)"
+        )
+        for start in range(0, len(frame), _INSERT_BATCH):
+            payload = frame.iloc[start : start + _INSERT_BATCH].to_json(orient="values")
+            conn.exec_driver_sql(statement, (payload, *constants.values()))
+        return len(frame)
+    frame = frame.assign(**constants) if constants else frame
     columns = list(frame.columns)
     if conn.dialect.name != "postgresql":
         marks = ", ".join("?" for _ in columns)
