@@ -555,6 +555,12 @@ def _cell(cells: dict[str, str], name: str) -> str:
     return next((v for k, v in cells.items() if k.lower() == name.lower()), "")
 
 
+def _protected_forms(value: str) -> set[str]:
+    """The ids a rejected row protects from archiving: as written and trimmed (a row rejected
+    for `" 0500"` must still protect the stored account 0500)."""
+    return {v for v in (value, value.strip()) if v}
+
+
 def _shown_id(value: str) -> str:
     """A sourcedId for the report only when it looks like one (a misaligned row may hold a name)."""
     return value if _ID.match(value or "") and len(value) <= 255 else ""
@@ -917,10 +923,9 @@ def _validate(directory: Path, known: KnownRecords, issues: list[Issue]) -> Vali
             continue
         entity = FILE_ENTITIES[file]
         for cells in raw_file.rejected.values():
-            if _shown_id(_cell(cells, "sourcedId")):
-                protected[entity].add(_cell(cells, "sourcedId"))
+            protected[entity].update(_protected_forms(_cell(cells, "sourcedId")))
             if file == ROLES:
-                role_owners.add(_cell(cells, "userSourcedId"))
+                role_owners.update(_protected_forms(_cell(cells, "userSourcedId")))
         frames[file] = canonicalise(frame, file, issues)
     if refusals:
         raise _RefusedWith(refusals)
@@ -945,9 +950,11 @@ def _validate(directory: Path, known: KnownRecords, issues: list[Issue]) -> Vali
         entity = FILE_ENTITIES[file]
         if bad:
             rejected = frame.loc[sorted(bad)]
-            protected[entity].update(s for s in rejected["sourcedId"] if s)
+            for sourced_id in rejected["sourcedId"]:
+                protected[entity].update(_protected_forms(sourced_id))
             if file == ROLES:
-                role_owners.update(rejected["userSourcedId"])
+                for owner in rejected["userSourcedId"]:
+                    role_owners.update(_protected_forms(owner))
             frame = frame.drop(index=sorted(bad))
         clean[entity] = frame
 

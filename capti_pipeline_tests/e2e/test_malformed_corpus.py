@@ -297,6 +297,26 @@ REFUSED = [
 ]
 
 ROW_LEVEL = [
+    # A rejected row protects its record under the id as written *and* trimmed: the stored
+    # account 0073 is not archived because its row arrived as " 0073".
+    Case(
+        "padded-user-sourcedId",
+        lambda d: d.set("users.csv", "0073", "sourcedId", " 0073"),
+        "users.csv",
+        6,
+        "sourcedId",
+        "sourcedId must be non-empty, without commas or surrounding spaces",
+        (("users", "0073"), ("enrollments", "e6")),
+    ),
+    Case(
+        "padded-class-sourcedId",
+        lambda d: d.set("classes.csv", "c2", "sourcedId", "c2 "),
+        "classes.csv",
+        3,
+        "sourcedId",
+        "sourcedId must be non-empty, without commas or surrounding spaces",
+        (("classes", "c2"), ("enrollments", "e5"), ("enrollments", "e6")),
+    ),
     Case(
         "duplicate-user-sourcedId",
         lambda d: d.add_row("users.csv", **_user_row("0072", "dup.person")),
