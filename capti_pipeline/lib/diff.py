@@ -87,6 +87,8 @@ def compute_plan(
     for entity in ENTITIES:
         changes[entity] = _entity_changes(entity, roster, store, scope[entity])
     duplicates = _hold_possible_duplicates(changes, store, allowed_duplicates or set(), issues)
+    not_created = set(duplicates["sourcedId"]) | _keep_usernames_unique(changes, store, issues)
+    _skip_enrollments_of(not_created, changes)
     _cascade_archives(changes, store, roster)
     membership = _membership_changes(changes["users"], store)
     return Plan(
@@ -255,11 +257,77 @@ def _hold_possible_duplicates(
         )
     held = set(duplicates["sourcedId"])
     changes["users"] = users[~(users["action"].eq("create") & isin(users["sourcedId"], held))]
-    enrollments = changes["enrollments"]
-    changes["enrollments"] = enrollments[
-        ~(enrollments["action"].eq("create") & isin(enrollments["user"], held))
-    ]
     return duplicates
+
+
+_WRITES_VALUES = ("create", "update", "restore")
+
+
+def _keep_usernames_unique(
+    changes: dict[str, pd.DataFrame], store: StoreState, issues: list[Issue]
+) -> set[str]:
+    """A username belongs to one account of the district (archived ones keep theirs). A create,
+    update or restore that would give an account a username another account holds after the
+    plan is not applied (the account stays as it is; a new one is not created) and is reported.
+    Swaps within one delivery are fine: only the usernames after the whole plan count.
+    Returns the sourcedIds whose creation was refused."""
+    users = changes["users"]
+    writes = users[isin(users["action"].astype("str"), _WRITES_VALUES)]
+    if writes.empty:
+        return set()
+    stored = store.frames["users"][["sourcedId", "username"]]
+    previous = stored.set_index("sourcedId")["username"]
+    refused: set[str] = set()
+    while True:
+        # Usernames this plan gives (creates, and updates/restores that change it).
+        was = previous.reindex(writes["sourcedId"]).to_numpy(dtype=object)
+        introduced = writes[writes["username"].to_numpy(dtype=object) != was]
+        if introduced.empty:
+            break
+        names = introduced["username"].astype("str")
+        kept = stored[~isin(stored["sourcedId"], writes["sourcedId"])]
+        after = pd.concat(
+            [kept[isin(kept["username"], names)], writes[["sourcedId", "username"]]],
+            ignore_index=True,
+        )
+        after = after[isin(after["username"], names)]
+        taken = after[after["username"].duplicated(keep=False)]
+        clashing = introduced[isin(introduced["sourcedId"], taken["sourcedId"])]
+        if clashing.empty:
+            break
+        holders = taken.groupby("username")["sourcedId"].agg(lambda ids: sorted(ids))
+        for row in clashing.itertuples(index=False):
+            others = [o for o in holders[row.username] if o != row.sourcedId]
+            what = "not created" if row.action == "create" else f"{row.action} not applied"
+            issues.append(
+                Issue(
+                    WARNING,
+                    "users.csv",
+                    0,
+                    "username",
+                    row.sourcedId,
+                    f"username {row.username} is already used by account {', '.join(others)} "
+                    f"in this district; {what} (usernames are unique within a district)",
+                )
+            )
+            if row.action == "create":
+                refused.add(row.sourcedId)
+        writes = writes[~isin(writes["sourcedId"], clashing["sourcedId"])]
+        users = users[~isin(users["sourcedId"], clashing["sourcedId"])]
+    changes["users"] = users
+    return refused
+
+
+def _skip_enrollments_of(not_created: set[str], changes: dict[str, pd.DataFrame]) -> None:
+    """Enrollments can only point at accounts that exist: none is created, moved or restored
+    onto a user the plan does not create."""
+    if not not_created:
+        return
+    enrollments = changes["enrollments"]
+    onto = ~enrollments["action"].eq("archive") & isin(
+        enrollments["user"].astype("str"), not_created
+    )
+    changes["enrollments"] = enrollments[~onto]
 
 
 def _cascade_archives(

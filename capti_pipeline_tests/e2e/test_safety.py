@@ -240,3 +240,91 @@ def test_report_csv_is_spreadsheet_safe(imported, capsys):
     rows = list(csv.reader(io.StringIO(out)))
     assert rows[0] == ["severity", "file", "line", "column", "sourcedId", "message"]
     assert all(not cell.startswith(("=", "+", "-", "@")) for row in rows for cell in row)
+
+
+def _with_users(district: GeneratedDistrict, users: pd.DataFrame, **frames) -> GeneratedDistrict:
+    return GeneratedDistrict(district.spec, {**district.frames, "users": users, **frames})
+
+
+def _students(users: pd.DataFrame) -> list[int]:
+    return list(users.index[users["role"].eq("student")])
+
+
+def _assert_usernames_unique_and_enrollments_point_at_accounts(snapshot: dict) -> None:
+    usernames = [u["username"] for u in snapshot["users"]]
+    assert len(usernames) == len(set(usernames))
+    accounts = {u["sourcedId"] for u in snapshot["users"]}
+    live = [e for e in snapshot["enrollments"] if e["status"] == "active"]
+    assert {e["user"] for e in live} <= accounts
+
+
+def test_an_update_to_a_username_another_account_holds_is_not_applied(imported):
+    env, district, before = imported
+    users = district.frames["users"].copy()
+    a, b, c, d = _students(users)[:4]
+    taken = users.at[b, "username"]
+    # B leaves (archived, its account keeps its username); A is renamed onto it: refused.
+    users.at[a, "username"] = taken
+    users.at[a, "familyName"] = "Renamed"
+    # C and D swap usernames in the same delivery: fine, both are unique afterwards.
+    users.loc[[c, d], "username"] = users.loc[[d, c], "username"].to_numpy()
+    deliver(env, _with_users(district, users.drop(index=b)))
+    outcome = env.run("safe")
+    assert outcome.state == "applied", outcome.report
+    warnings = [i["message"] for i in outcome.report["issues"] if i["column"] == "username"]
+    assert any(f"username {taken} is already used by account" in m for m in warnings), warnings
+    after = {u["sourcedId"]: u for u in env.snapshot("safe")["users"]}
+    old = {u["sourcedId"]: u for u in before["users"]}
+    a_id, c_id, d_id = (users.at[i, "sourcedId"] for i in (a, c, d))
+    assert after[a_id] == old[a_id]  # left exactly as it was
+    assert (after[c_id]["username"], after[d_id]["username"]) == (
+        old[d_id]["username"],
+        old[c_id]["username"],
+    )
+    _assert_usernames_unique_and_enrollments_point_at_accounts(env.snapshot("safe"))
+
+
+def test_allowing_a_separate_account_still_needs_its_own_username(imported, capsys):
+    env, district, _before = imported
+    users = district.frames["users"].copy()
+    student = _students(users)[0]
+    old_id = users.at[student, "sourcedId"]
+    new_id = "NEW-" + old_id
+    # The SIS re-created the student under a new sourcedId, same username; its enrollment rows
+    # now point at the new id (updates of existing enrollments) or are new rows.
+    users.at[student, "sourcedId"] = new_id
+    enrollments = district.frames["enrollments"].copy()
+    theirs = enrollments.index[enrollments["userSourcedId"].eq(old_id)]
+    moved_id = enrollments.at[theirs[0], "sourcedId"]
+    enrollments.loc[theirs, "userSourcedId"] = new_id
+    extra = enrollments.loc[theirs[:1]].assign(sourcedId="NEW-" + moved_id)
+    delivery = _with_users(
+        district, users, enrollments=pd.concat([enrollments, extra], ignore_index=True)
+    )
+    deliver(env, delivery)
+    first = env.run("safe")
+    assert first.state == "applied", first.report
+    assert new_id in {d["sourcedId"] for d in first.report["possible_duplicates"]}
+    snapshot = env.snapshot("safe")
+    moved = next(e for e in snapshot["enrollments"] if e["sourcedId"] == moved_id)
+    assert moved["user"] == old_id  # not moved onto an account that was not created
+    assert "NEW-" + moved_id not in {e["sourcedId"] for e in snapshot["enrollments"]}
+    _assert_usernames_unique_and_enrollments_point_at_accounts(snapshot)
+
+    # Support says it is a different person: it is still not created with a taken username...
+    code, _ = cli_out(capsys, "duplicates", "safe", "--allow", new_id)
+    assert code == 0
+    second = env.run("safe")
+    messages = [i["message"] for i in second.report["issues"] if i["sourced_id"] == new_id]
+    assert any("is already used by account" in m and "not created" in m for m in messages)
+    assert new_id not in {u["sourcedId"] for u in env.snapshot("safe")["users"]}
+    # ... and is created, with its enrollments, once the SIS gives it a username of its own.
+    users.at[student, "username"] = "newcomer.own"
+    deliver(env, _with_users(district, users, enrollments=delivery.frames["enrollments"]))
+    third = env.run("safe")
+    assert third.state == "applied", third.report
+    snapshot = env.snapshot("safe")
+    assert new_id in {u["sourcedId"] for u in snapshot["users"]}
+    moved = next(e for e in snapshot["enrollments"] if e["sourcedId"] == moved_id)
+    assert (moved["user"], moved["status"]) == (new_id, "active")
+    _assert_usernames_unique_and_enrollments_point_at_accounts(snapshot)
