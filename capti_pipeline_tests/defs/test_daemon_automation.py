@@ -4,9 +4,9 @@ workspace.yaml, for one night of five districts.
 - `nightly_roster_sync` is ticked by the daemon's scheduler at the last 2 AM (Eastern) tick and
   launches one run per active, unpaused district; evaluated again (a tick interrupted by a daemon
   crash is resumed), Dagster's scheduler launches nothing new: the run keys are taken.
-- One run per district: the schedule's run and an Import Now run of the same district wait for
-  each other in the QueuedRunCoordinator (tag limit on `dagster/partition`), while two districts
-  run at the same time.
+- One run per district: two Import Now runs of one district, queued in the same sensor tick
+  (and that district's nightly run), wait for each other in the QueuedRunCoordinator (tag limit
+  on `dagster/partition`), while two other districts' nightly runs are in progress together.
 - `sync_run_failure_sensor`, evaluated by the daemon, records a run that failed outside the
   assets' own error handling (an SFTP server refusing every connection, retried, then failed) in
   the roster store, and the webhook receives it.
@@ -14,6 +14,7 @@ workspace.yaml, for one night of five districts.
 The daemon is started once for the module; every test reads what that night left behind.
 """
 
+import itertools
 import json
 import logging
 import os
@@ -63,10 +64,10 @@ pytestmark = pytest.mark.slow
 NIGHT_WAIT_S = float(os.environ.get("CAPTI_TEST_DAEMON_NIGHT_WAIT_S", "300"))
 SCHEDULE = "nightly_roster_sync"
 FAILURE_SENSOR = "sync_run_failure_sensor"
-SYNCED = ("d1", "d2", "down")  # active, unpaused: the schedule runs them
+SYNCED = ("d1", "d2", "d3", "down")  # active, unpaused: the schedule runs them
 EASTERN_CRON, EASTERN = "0 2 * * *", "America/New_York"
-# d1 and d2: runs long enough (several seconds of work each) that the queue's choices show.
-STUDENTS = 5000
+# d1 and d2: runs long enough (seconds of work each) to be seen in progress together.
+STUDENTS = 3000
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Night:
     workspace: WorkspaceProcessContext
     schedule: RemoteSchedule
     failure_sensor: RemoteSensor
-    tick_time: datetime
+    first_tick: datetime  # the last 2 AM tick before the daemon started
     received: list[dict] = field(default_factory=list)
     daemon_log: Path | None = None
 
@@ -84,11 +85,37 @@ class Night:
         records = self.instance.get_run_records(dg.RunsFilter(tags=tags))
         return [r.dagster_run for r in records]
 
+    def ticks(self) -> list:
+        return self.instance.get_ticks(
+            self.schedule.get_remote_origin_id(), self.schedule.selector_id
+        )
+
+    def tick(self):
+        """The night's tick. (Should a 2 AM pass while the test runs, the daemon evaluates only
+        the latest missed tick; a later one is left out of this night.)"""
+        return min(self.ticks(), key=lambda t: t.timestamp)
+
     def nightly_runs(self) -> dict[str, dg.DagsterRun]:
-        runs = self.runs(**{"dagster/schedule_name": SCHEDULE})
+        ticks = self.ticks()
+        if not ticks:
+            return {}
+        tick_date = datetime.fromtimestamp(self.tick().timestamp, UTC).astimezone(
+            operations.EASTERN
+        )
+        suffix = f":{tick_date.date().isoformat()}"
+        runs = [
+            r
+            for r in self.runs(**{"dagster/schedule_name": SCHEDULE})
+            if r.tags["dagster/run_key"].endswith(suffix)
+        ]
         by_district = {r.tags["dagster/partition"]: r for r in runs}
         assert len(by_district) == len(runs), [r.tags for r in runs]
         return by_district
+
+    def pressed_runs(self) -> list[dg.DagsterRun]:
+        """The two Import Now runs of d3, by launch time."""
+        runs = [r for r in self.runs() if r.tags.get("capti/import_request") in ("1", "2")]
+        return sorted(runs, key=lambda r: _launched_at(self, r) if r.is_finished else 0)
 
     def store_run(self, run_id: str) -> st.RunRecord | None:
         with store_engine(self.home.database_url).connect() as conn:
@@ -135,8 +162,8 @@ def _receiver(received: list[dict]) -> HTTPServer:
 
 def _register(home: ProjectHome, instance: dg.DagsterInstance, root: Path) -> None:
     """Five districts, written to the store as `capti-sync district add` would (partitions
-    included): d1 and d2 with real deliveries; quiet is paused; gone was removed; down's SFTP
-    server refuses every connection."""
+    included): d1 and d2 with real deliveries, d3 with a small one; quiet is paused; gone was
+    removed; down's SFTP server refuses every connection."""
     engine = store_engine(home.database_url)
     known_hosts = root / "known_hosts"
     known_hosts.write_text("")
@@ -145,7 +172,7 @@ def _register(home: ProjectHome, instance: dg.DagsterInstance, root: Path) -> No
             spec = DistrictSpec(district_id=district_id, students=STUDENTS, seed=seed)
             drop = write_delivery(generate_district(spec), root / "drop" / district_id)
             st.upsert_district(conn, district_id, source_url=str(drop), active=True)
-        for district_id in ("quiet", "gone"):
+        for district_id in ("d3", "quiet", "gone"):
             st.upsert_district(conn, district_id, source_url=str(EDFI), active=True)
         st.upsert_district(
             conn,
@@ -157,9 +184,10 @@ def _register(home: ProjectHome, instance: dg.DagsterInstance, root: Path) -> No
         )
         operations.pause(conn, "quiet", None, "summer")
         st.upsert_district(conn, "gone", active=False)
-        # An Import Now press for d1 the same night: a second run of the same partition.
-        operations.request_import(conn, "d1", "daemon-test", datetime.now(UTC))
-    instance.add_dynamic_partitions("districts", ["d1", "d2", "down", "quiet"])
+        # Two Import Now presses for d3: the sensor turns both into runs in one evaluation.
+        for who in ("daemon-test", "daemon-test-again"):
+            operations.request_import(conn, "d3", who, datetime.now(UTC))
+    instance.add_dynamic_partitions("districts", ["d1", "d2", "d3", "down", "quiet"])
 
 
 def _start_schedule_before(night_tick: datetime, instance: dg.DagsterInstance, schedule) -> None:
@@ -188,9 +216,9 @@ def _stop(daemon: subprocess.Popen[bytes]) -> int:
 def _settled(night: Night) -> bool:
     """Every expected run finished, and the failed one recorded and notified."""
     nightly = night.nightly_runs()
-    imported = night.runs(**{"capti/import_request": "1"})
-    runs = [*nightly.values(), *imported]
-    if set(nightly) != set(SYNCED) or len(imported) != 1:
+    pressed = [r for r in night.runs() if r.tags.get("capti/import_request") in ("1", "2")]
+    runs = [*nightly.values(), *pressed]
+    if set(nightly) != set(SYNCED) or len(pressed) != 2:
         return False
     if not all(r.is_finished for r in runs):
         return False
@@ -210,7 +238,7 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Night]:
         CAPTI_UI_BASE_URL="http://dagster.example:3000",
         CAPTI_TEST_SFTP_PASSWORD="never-used",
     )
-    tick_time = last_nightly_tick(datetime.now(UTC))
+    first_tick = last_nightly_tick(datetime.now(UTC))
     with pytest.MonkeyPatch.context() as patch:
         # The workspace below starts a code server from this process: it must see the same
         # store and instance as the daemon (the resources read these variables).
@@ -229,14 +257,14 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Night]:
             [repository] = location.get_repositories().values()
             schedule = repository.get_schedule(SCHEDULE)
             _register(home, instance, root)
-            _start_schedule_before(tick_time, instance, schedule)
+            _start_schedule_before(first_tick, instance, schedule)
             night = Night(
                 home,
                 instance,
                 workspace,
                 schedule,
                 repository.get_sensor(FAILURE_SENSOR),
-                tick_time,
+                first_tick,
                 received,
                 root / "daemon.log",
             )
@@ -293,17 +321,16 @@ def _ended_at(night: Night, run: dg.DagsterRun) -> float:
 def test_the_daemon_ticks_the_schedule_once_per_active_unpaused_district(night: Night) -> None:
     nightly = night.nightly_runs()
     assert sorted(nightly) == sorted(SYNCED)  # not the paused one, not the removed one
-    date = night.tick_time.astimezone(operations.EASTERN).date().isoformat()
+    tick = night.tick()
+    assert tick.timestamp >= night.first_tick.timestamp()
+    date = datetime.fromtimestamp(tick.timestamp, UTC).astimezone(operations.EASTERN)
+    date = date.date().isoformat()
     for district_id, run in nightly.items():
         assert run.tags["dagster/run_key"] == f"{district_id}:{date}"
         assert run.tags["capti/trigger"] == "nightly"
         assert _events(night, run, dg.DagsterEventType.RUN_ENQUEUED), "not through the queue"
     assert nightly["d1"].status == nightly["d2"].status == dg.DagsterRunStatus.SUCCESS
-    [tick] = night.instance.get_ticks(
-        night.schedule.get_remote_origin_id(), night.schedule.selector_id
-    )
     assert tick.status == TickStatus.SUCCESS
-    assert tick.timestamp == night.tick_time.timestamp()
     assert sorted(tick.run_ids) == sorted(r.run_id for r in nightly.values())
     with store_engine(night.home.database_url).connect() as conn:
         assert st.get_district(conn, "d2").state == "applied"
@@ -314,9 +341,7 @@ def test_a_reevaluated_tick_launches_nothing_new(night: Night) -> None:
     """The daemon died in the middle of the tick (it is left STARTED): Dagster's scheduler
     evaluates the same tick again at its next start, and the run keys stop every second run."""
     before = {r.run_id for r in night.runs()}
-    [tick] = night.instance.get_ticks(
-        night.schedule.get_remote_origin_id(), night.schedule.selector_id
-    )
+    tick = night.tick()
     # What the instance holds when the daemon dies in the middle of the tick: the tick STARTED,
     # the schedule's iteration checkpoint not yet moved past it (it is written after the tick).
     night.instance.update_tick(tick.with_status(TickStatus.STARTED))
@@ -326,9 +351,7 @@ def test_a_reevaluated_tick_launches_nothing_new(night: Night) -> None:
     assert state is not None
     night.instance.update_instigator_state(
         state.with_data(
-            ScheduleInstigatorData(
-                night.schedule.cron_schedule, night.tick_time.timestamp() - 60, None
-            )
+            ScheduleInstigatorData(night.schedule.cron_schedule, tick.timestamp - 60, None)
         )
     )
     list(
@@ -339,9 +362,7 @@ def test_a_reevaluated_tick_launches_nothing_new(night: Night) -> None:
             iteration_times={},
         )
     )
-    [again] = night.instance.get_ticks(
-        night.schedule.get_remote_origin_id(), night.schedule.selector_id
-    )
+    again = night.tick()
     assert again.tick_id == tick.tick_id and again.status == TickStatus.SUCCESS  # redone...
     assert {r.run_id for r in night.runs()} == before  # ...and nothing launched twice:
     nightly = night.nightly_runs()  # each request found its run key's existing run
@@ -354,26 +375,25 @@ def test_a_reevaluated_tick_launches_nothing_new(night: Night) -> None:
 
 
 def test_one_run_per_district_at_a_time_but_districts_in_parallel(night: Night) -> None:
-    scheduled = night.nightly_runs()["d1"]
-    [pressed] = night.runs(**{"capti/import_request": "1"})
-    first, second = sorted([scheduled, pressed], key=lambda r: _launched_at(night, r))
-    # Both were queued while the first was in progress, yet the second only left the queue
-    # once the first had ended.
+    first, second = night.pressed_runs()
+    # Queued in the same sensor evaluation: the second was waiting while the first ran...
     [queued] = _events(night, second, dg.DagsterEventType.RUN_ENQUEUED)
-    assert queued.timestamp < _ended_at(night, first), "the second run was not waiting"
+    assert queued.timestamp < _ended_at(night, first)
+    # ...yet the second left the queue only once the first had ended.
     assert _launched_at(night, second) >= _ended_at(night, first)
-    assert {first.status, second.status} == {dg.DagsterRunStatus.SUCCESS}
+    # No two runs of the district were ever in progress at once (the nightly one included).
+    d3 = sorted([first, second, night.nightly_runs()["d3"]], key=lambda r: _launched_at(night, r))
+    for earlier, later in itertools.pairwise(d3):
+        assert _launched_at(night, later) >= _ended_at(night, earlier)
+    assert {r.status for r in d3} == {dg.DagsterRunStatus.SUCCESS}
     with store_engine(night.home.database_url).connect() as conn:
-        outcomes = sorted(
-            st.get_run(conn, r.run_id).state  # type: ignore[union-attr]
-            for r in (first, second)
-        )
-    assert outcomes == ["applied", "no_changes"]  # the second found the roster up to date
+        outcomes = sorted(st.get_run(conn, r.run_id).state for r in d3)  # type: ignore[union-attr]
+    assert outcomes == ["applied", "no_changes", "no_changes"]  # each found the last one's roster
 
-    # Two districts did sync at the same time.
-    other = night.nightly_runs()["d2"]
-    assert _launched_at(night, other) < _ended_at(night, first)
-    assert _launched_at(night, first) < _ended_at(night, other)
+    # Two districts did sync at the same time (queued by the same tick, no shared limit).
+    d1, d2 = night.nightly_runs()["d1"], night.nightly_runs()["d2"]
+    assert _launched_at(night, d2) < _ended_at(night, d1)
+    assert _launched_at(night, d1) < _ended_at(night, d2)
 
 
 # --- the failure sensor -------------------------------------------------------------------------
