@@ -21,6 +21,8 @@ import pyarrow.csv as pa_csv
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from capti_pipeline.lib.fastops import isin
+
 SCHEMA_VERSION = 1
 metadata = sa.MetaData()
 
@@ -335,7 +337,6 @@ def set_district_state(conn: Connection, district_id: str, state: str, detail: s
 # Reading the roster
 
 
-_INTEGER_COLUMNS = ("row_hash", "id")
 _FETCH_ROWS = 250_000
 
 
@@ -367,8 +368,12 @@ def read_table_columns(
         unknown.append(where[0])
     if unknown:  # names are interpolated into SQL below: only the table's own columns
         raise ValueError(f"{table.name} has no column(s) {unknown}")
-    types = {name: pa.int64() if name in _INTEGER_COLUMNS else pa.large_string() for name in names}
-    columns = ", ".join(names)
+    types = {name: _arrow_type(table.c[name]) for name in names}
+    # Booleans as 0/1 on every database (PostgreSQL's COPY would write t/f).
+    columns = ", ".join(
+        f"CAST({name} AS INTEGER)" if isinstance(table.c[name].type, sa.Boolean) else name
+        for name in names
+    )
     raw = conn.connection.driver_connection
     mark = _placeholder(conn)
     if where is not None:
@@ -396,9 +401,23 @@ def read_table_columns(
         arrays = _fetch_columns(raw, sql, (district_id,), types)
     frame = pa.table(arrays).to_pandas()
     for name in names:
-        if name not in _INTEGER_COLUMNS:
+        column = table.c[name]
+        if isinstance(column.type, sa.Boolean):
+            frame[name] = frame[name].astype(bool)
+        elif isinstance(column.type, sa.Integer) and column.nullable:
+            frame[name] = frame[name].astype("Int64")
+        elif not isinstance(column.type, sa.Integer):
             frame[name] = frame[name].astype("str")
     return frame
+
+
+def _arrow_type(column: sa.Column) -> pa.DataType:
+    """How a column's values travel from the driver (SQLite gives booleans as 0/1)."""
+    if isinstance(column.type, sa.Boolean):
+        return pa.int8()
+    if isinstance(column.type, sa.Integer):
+        return pa.int64()
+    return pa.large_string()
 
 
 def _fetch_columns(
@@ -442,8 +461,9 @@ def _copy_columns(
         buffer,
         read_options=pa_csv.ReadOptions(column_names=list(types)),
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+        # COPY writes NULL unquoted and an empty string as "": only the former is null.
         convert_options=pa_csv.ConvertOptions(
-            column_types=types, strings_can_be_null=False, quoted_strings_can_be_null=False
+            column_types=types, strings_can_be_null=True, quoted_strings_can_be_null=False
         ),
     )
     return {name: table_[name] for name in types}
@@ -463,28 +483,15 @@ def read_full_rows(
 ) -> pd.DataFrame:
     """Full store rows of an entity (all, or only the given sourcedIds), store column names."""
     table = ROSTER_TABLES[entity]
-    columns = [c for c in table.c if c.name not in ("district_id",)]
-    names = [c.name for c in columns]
+    names = [c.name for c in table.c if c.name != "district_id"]
     if sourced_ids is None:
-        rows = conn.execute(sa.select(*columns).where(table.c.district_id == district_id)).all()
-        return pd.DataFrame.from_records(rows, columns=names)
+        return read_table_columns(conn, table, district_id, names)
     wanted = list(dict.fromkeys(sourced_ids))
-    if not wanted:
-        return pd.DataFrame(columns=names)
     if len(wanted) > 200_000:
         # Very many ids (an undo of a big import): one scan beats that many index lookups.
-        everything = read_full_rows(conn, district_id, entity)
-        return everything[everything["sourced_id"].isin(pd.Index(wanted))].reset_index(drop=True)
-    collected: list[Any] = []
-    for chunk in _chunks(wanted, 900):
-        collected.extend(
-            conn.execute(
-                sa.select(*columns).where(
-                    table.c.district_id == district_id, table.c.sourced_id.in_(chunk)
-                )
-            ).all()
-        )
-    return pd.DataFrame.from_records(collected, columns=names)
+        everything = read_table_columns(conn, table, district_id, names)
+        return everything[isin(everything["sourced_id"], wanted)].reset_index(drop=True)
+    return read_table_columns(conn, table, district_id, names, where=("sourced_id", wanted))
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
