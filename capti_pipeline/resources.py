@@ -73,20 +73,29 @@ class Notifier(dg.ConfigurableResource):
 
 class StagingIOManager(dg.ConfigurableIOManager):
     """Hands assets' outputs to the next step through owner-only files, one per asset and
-    district, whose data buffers are memory-mapped back instead of copied (lib/staging.py).
+    district, whose data buffers are memory-mapped back instead of copied; big ones are written
+    while the next step runs and handed over in memory meanwhile (lib/staging.py).
 
     Rosters hold personal data, so files are 0600 in 0700 folders and written atomically.
     """
 
     base_dir: str
 
-    def _path(self, context: dg.OutputContext | dg.InputContext) -> Path:
+    def _folder(self, context: dg.OutputContext | dg.InputContext) -> Path:
         asset = "/".join(context.asset_key.path)
         partition = context.asset_partition_key if context.has_asset_partitions else "_"
-        return Path(self.base_dir) / "staging" / asset / f"{partition}.stg"
+        return Path(self.base_dir) / "staging" / asset / partition
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        staging.dump(obj, self._path(context))
+        # One file per run: concurrent runs of a district never read each other's outputs.
+        _HANDOFF.put(self._folder(context) / f"{context.run_id}.stg", obj, context.run_id)
 
     def load_input(self, context: dg.InputContext) -> Any:
-        return staging.load(self._path(context))
+        upstream = context.upstream_output
+        run_id = upstream.run_id if upstream is not None else None
+        folder = self._folder(context)
+        return _HANDOFF.get(staging.run_file(folder, run_id), run_id)
+
+
+# One per process: big outputs are written while the next step runs (lib/staging.Handoff).
+_HANDOFF = staging.Handoff()
