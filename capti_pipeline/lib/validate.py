@@ -420,8 +420,10 @@ def _read_fast(
 ) -> tuple[pd.DataFrame, dict[int, list[str]]] | None:
     """pyarrow parse (fast, exact column counts); None when line numbers cannot be trusted,
     e.g. a quoted value spans lines."""
-    lines = _physical_lines(data)
-    if lines is None:
+    # Without quotes or carriage returns every line is one record: no need to count them.
+    plain = b'"' not in data and b"\r" not in data
+    lines = None if plain else _physical_lines(data)
+    if lines is None and not plain:
         return None
     names = [f"c{i}" for i in range(len(header))]
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
@@ -435,6 +437,8 @@ def _read_fast(
     except (arrow.ArrowException, ValueError):
         return None
     numbers = [number for number, _ in invalid]
+    if lines is None:
+        lines = len(table) + len(invalid) + 1
     if len(table) + len(invalid) != lines - 1 or any(
         number is None or not 2 <= number <= lines for number in numbers
     ):
