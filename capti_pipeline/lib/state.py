@@ -3,7 +3,7 @@ hash, plus the few fields deletion scope and duplicate checks need.
 
 Scanning the roster tables costs a Python object per value (about 20 s for a district with six
 million enrollments on SQLite), so every apply also records the state as a snapshot *in the same
-transaction*: a full Parquet image per entity, then a small delta layer per apply, compacted
+transaction*: a full Arrow image per entity, then a small delta layer per apply, compacted
 into a new full image once the deltas grow past a tenth of it. The snapshot is used only when its
 head version equals the district's `roster_version`; anything else (a store written before
 snapshots existed, a race with a concurrent apply) falls back to scanning the tables, which is
@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -182,7 +183,10 @@ def _read_snapshot(
     full: dict[str, list[pd.DataFrame]] = {}
     deltas: dict[str, list[pd.DataFrame]] = {}
     for version, entity, kind, data in rows:
-        frame = _decode(data)
+        try:
+            frame = _decode(data)
+        except (pa.ArrowException, OSError):  # unreadable (another format, damaged): rescan
+            return None
         if kind == "full" and version == head["full_version"]:
             full.setdefault(entity, []).append(frame)
         elif kind == "delta":
@@ -267,25 +271,53 @@ def collapse(deltas: list[pd.DataFrame]) -> pd.DataFrame | None:
 
 
 def apply_delta(base: pd.DataFrame, delta: pd.DataFrame | None) -> pd.DataFrame:
-    """`base` with a collapsed delta applied (row order is not meaningful)."""
+    """`base` with a collapsed delta applied: rows it touches change in place, new rows are
+    appended, deleted ones dropped. Only the columns that change are copied, so a delta of a
+    few thousand rows over millions costs a fraction of a second."""
     if delta is None or delta.empty:
         return base
-    touched = (
-        isin(base["sourcedId"], delta["sourcedId"])
-        if len(base)
-        else pd.Series(np.zeros(0, dtype=bool), index=base.index)
-    )
-    if not touched.any():
-        untouched, archived = base, base.iloc[:0]
-    else:
-        untouched = base[~touched]
-        archive_ids = delta["sourcedId"][delta["op"].eq(ARCHIVE)]
-        archived = base[touched & isin(base["sourcedId"], archive_ids)].assign(status="archived")
-    upserts = delta[delta["op"].eq(UPSERT)].drop(columns="op")
-    parts = [f for f in (untouched, archived, upserts[base.columns]) if len(f)]
+    delta = delta.reset_index(drop=True)
+    merged = base.reset_index(drop=True)
+    rows = np.flatnonzero(isin(merged["sourcedId"], delta["sourcedId"]).to_numpy())
+    gone = np.zeros(len(merged), dtype=bool)
+    if len(rows):
+        # Each touched row's delta row (the delta is small: matching against it is cheap).
+        which = pc.index_in(
+            _arrow_strings(merged["sourcedId"].iloc[rows]),
+            value_set=_arrow_strings(delta["sourcedId"]),
+        ).to_numpy(zero_copy_only=False)
+        changes = delta.iloc[which].reset_index(drop=True)
+        op = changes["op"].to_numpy(dtype=object)
+        upsert, archive = op == UPSERT, op == ARCHIVE
+        gone[rows[op == DELETE]] = True
+        merged = merged.copy(deep=False)
+        for column in merged.columns:
+            if column == "sourcedId":
+                continue
+            now = merged[column].iloc[rows].reset_index(drop=True)
+            if column == "status":
+                new = changes[column].where(upsert, now.where(~archive, "archived"))
+            else:
+                new = changes[column].where(upsert, now)
+            changed = (new != now).to_numpy(dtype=bool)
+            if changed.any():
+                merged.iloc[rows[changed], merged.columns.get_loc(column)] = new[changed].to_numpy()
+    added = delta[delta["op"].eq(UPSERT)]
+    if len(rows):  # upserts of ids the base does not have are new rows
+        added = added[~isin(added["sourcedId"], merged["sourcedId"].iloc[rows])]
+    parts = [merged[~gone] if gone.any() else merged]
+    if len(added):
+        parts.append(added.drop(columns="op")[list(base.columns)])
+    parts = [p for p in parts if len(p)]
     if not parts:
         return base.iloc[:0].reset_index(drop=True)
-    return pd.concat(parts, ignore_index=True)
+    out = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+    return out.reset_index(drop=True)
+
+
+def _arrow_strings(values: pd.Series) -> pa.Array:
+    arr = pa.array(values.array)
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,14 +430,17 @@ def _write_layer(
 
 
 def _encode(frame: pd.DataFrame) -> bytes:
+    """Arrow IPC with zstd: twice as fast as Parquet both ways for these few columns."""
     buffer = io.BytesIO()
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    pq.write_table(table, buffer, compression="zstd")
+    options = ipc.IpcWriteOptions(compression="zstd")
+    with ipc.new_file(buffer, table.schema, options=options) as writer:
+        writer.write_table(table, max_chunksize=1 << 20)
     return buffer.getvalue()
 
 
 def _decode(data: bytes) -> pd.DataFrame:
-    frame = pq.read_table(pa.BufferReader(data)).to_pandas()
+    frame = ipc.open_file(pa.BufferReader(data)).read_all().to_pandas()
     for column in frame.columns:
         if column != "row_hash" and frame[column].dtype != "str":
             frame[column] = frame[column].astype("str")

@@ -137,7 +137,7 @@ run_payloads = sa.Table(
     sa.Column("entity", sa.String(32), primary_key=True),
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
-# The roster state the diff needs, as Parquet snapshots written by every apply in its own
+# The roster state the diff needs, as Arrow snapshots written by every apply in its own
 # transaction (lib/state.py): a full image per entity and delta layers since it, split in parts.
 state_layers = sa.Table(
     "state_layers",
@@ -259,7 +259,7 @@ def migrate(engine: Engine) -> None:
     metadata.create_all(engine)
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
-            # Parquet blobs are compressed already: skip TOAST's compression attempt.
+            # Parquet and Arrow blobs are compressed already: skip TOAST's compression attempt.
             for table in ("state_layers", "run_payloads"):
                 conn.exec_driver_sql(f"ALTER TABLE {table} ALTER COLUMN data SET STORAGE EXTERNAL")
         current = conn.execute(sa.select(schema_info.c.version)).scalar()

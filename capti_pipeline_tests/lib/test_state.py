@@ -166,3 +166,15 @@ def test_collapsed_deltas_keep_the_last_word_per_id():
     assert merged.loc["e3"].tolist() == ["archived", 3, "c0", "u3"]  # values kept, archived
     assert merged.loc["e5"].tolist() == ["active", 5, "c0", "u5"]
     assert "e2" not in merged.index and merged["row_hash"].dtype == "int64"
+
+
+def test_an_unreadable_snapshot_is_rescanned_and_rewritten(engine):
+    sync(engine, delivery({"u1": user(), "u2": user()}))
+    with engine.begin() as conn:
+        conn.execute(st.state_layers.update().values(data=b"not an arrow file"))
+        assert state.read_snapshot_state(conn, "d") is None
+    assert set(state.load_state_and_backfill(engine, "d").frames["users"]["sourcedId"]) == {
+        "u1",
+        "u2",
+    }
+    assert_snapshot_matches_tables(engine, "d")
