@@ -43,6 +43,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Memory and checkpoint spacing of a server sized for district-scale loads (deploy/README.md);
+# PostgreSQL's defaults (128 MB of shared buffers, a checkpoint per GB of WAL) are for laptops.
+BENCH_POSTGRES_SETTINGS = {
+    "shared_buffers": "2GB",
+    "max_wal_size": "8GB",
+    "checkpoint_timeout": "30min",
+    "wal_buffers": "64MB",
+    "maintenance_work_mem": "512MB",
+}
 DISTRICT_ID = "bench-district"
 SEED = 7
 CHANGE_FRACTION = 0.01
@@ -252,7 +261,7 @@ class _Postgres:
             bindir = pg.find_postgres_bindir()
             if bindir is None:
                 raise SystemExit("--database postgres: PostgreSQL server binaries not found")
-            self.server = pg.start_postgres(bindir)
+            self.server = pg.start_postgres(bindir, BENCH_POSTGRES_SETTINGS)
         return self.server.create_database(name)
 
     def stop(self) -> None:

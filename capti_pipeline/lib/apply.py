@@ -188,7 +188,10 @@ def _rewrite_memberships(
             strict=True,
         ),
     )
-    rows = new[_MEMBERSHIP_COLUMNS[1:]].reset_index(drop=True)
+    rows = new[_MEMBERSHIP_COLUMNS[1:]]
+    # In primary-key order, like the roster rows (the index grows at its end).
+    rows = rows.take(sort_order(rows["user_sourced_id"], rows["location_sourced_id"]))
+    rows = rows.reset_index(drop=True)
     return written + st.insert_frame(conn, "memberships", rows, {"district_id": district_id})
 
 

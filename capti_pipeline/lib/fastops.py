@@ -144,9 +144,13 @@ def map_distinct(series: pd.Series, func: Callable[[str], str]) -> pd.Series:
     )
 
 
-def sort_order(series: pd.Series) -> np.ndarray:
-    """Positions that sort a str column (byte order), through Arrow's sort."""
-    arrow = _arrow(series)
-    if arrow is None:
-        return np.argsort(series.to_numpy(dtype=object), kind="stable")
-    return pc.sort_indices(arrow).to_numpy(zero_copy_only=False)
+def sort_order(*columns: pd.Series) -> np.ndarray:
+    """Positions that sort rows by str columns (byte order, first column first), through
+    Arrow's sort."""
+    arrays = [_arrow(column) for column in columns]
+    if any(array is None for array in arrays):
+        frame = pd.DataFrame({i: c.to_numpy(dtype=object) for i, c in enumerate(columns)})
+        return np.lexsort([frame[i] for i in reversed(frame.columns)])
+    table = pa.table({str(i): array for i, array in enumerate(arrays)})
+    keys = [(str(i), "ascending") for i in range(len(arrays))]
+    return pc.sort_indices(table, sort_keys=keys).to_numpy(zero_copy_only=False)

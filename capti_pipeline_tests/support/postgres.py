@@ -198,8 +198,9 @@ def _make_base_dir() -> Path:
     return base
 
 
-def start_postgres(bindir: Path) -> PostgresServer:
-    """initdb + start a cluster; the caller must :func:`stop_postgres` it."""
+def start_postgres(bindir: Path, settings: dict[str, str] | None = None) -> PostgresServer:
+    """initdb + start a cluster (extra server `settings`, e.g. memory for the benchmark); the
+    caller must :func:`stop_postgres` it."""
     started = time.perf_counter()
     base = _make_base_dir()
     server = PostgresServer(host=HOST, port=0, user=SUPERUSER, bindir=bindir, base_dir=base)
@@ -229,7 +230,7 @@ def start_postgres(bindir: Path) -> PostgresServer:
             options = (
                 f"-p {port} -k {server.socket_dir} -c listen_addresses={HOST}"
                 " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            )
+            ) + "".join(f" -c {name}={value}" for name, value in (settings or {}).items())
             start = _run(
                 [
                     str(bindir / "pg_ctl"),
