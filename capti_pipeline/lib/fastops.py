@@ -70,7 +70,9 @@ def _string_chunks(values: pd.Series | pa.Array | pa.ChunkedArray) -> list[pa.Ar
     if arrow is None:
         arrow = pa.array(values.astype("str").array)  # type: ignore[union-attr]
     chunks = arrow.chunks if isinstance(arrow, pa.ChunkedArray) else [arrow]
-    return [c.cast(pa.large_string()) if not pa.types.is_large_string(c.type) else c for c in chunks]
+    return [
+        c.cast(pa.large_string()) if not pa.types.is_large_string(c.type) else c for c in chunks
+    ]
 
 
 def string_fingerprints(values: pd.Series | pa.Array | pa.ChunkedArray) -> np.ndarray:
