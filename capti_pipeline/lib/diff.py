@@ -157,15 +157,18 @@ def _entity_changes(
     # Position of each delivered row in the store frame (-1: new), by one hash lookup per row.
     position = _positions(delivered["sourcedId"], stored["sourcedId"])
     known = position >= 0
-    stored_status = stored["status"].to_numpy(dtype=object)
+    # Statuses as boolean masks (no Python string per stored row).
+    stored_active = stored["status"].eq("active").to_numpy(dtype=bool)
+    stored_archived = stored["status"].eq("archived").to_numpy(dtype=bool)
     stored_hash = stored["row_hash"].to_numpy(dtype="int64")
     at = np.where(known, position, 0)
-    status = np.where(known, stored_status[at] if len(stored) else None, None)
     new = ~known
-    archived = known & (status == "archived")
     delivered_hash = delivered["row_hash"].to_numpy(dtype="int64")
-    same_hash = stored_hash[at] == delivered_hash if len(stored) else np.ones(len(at), dtype=bool)
-    changed = known & (status == "active") & ~same_hash
+    if len(stored):
+        archived = known & stored_archived[at]
+        changed = known & stored_active[at] & (stored_hash[at] != delivered_hash)
+    else:
+        archived = changed = np.zeros(len(delivered), dtype=bool)
     action = np.full(len(delivered), None, dtype=object)
     action[new] = "create"
     action[archived] = "restore"
