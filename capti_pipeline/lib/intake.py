@@ -58,10 +58,12 @@ import hashlib
 import logging
 import os
 import posixpath
+import queue
 import re
 import shutil
 import stat
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -77,6 +79,7 @@ from capti_pipeline.lib.issues import Issue, file_warning
 log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 1024 * 1024
+_KERNEL_COPY_STEP = 64 * 1024 * 1024
 _UPLOAD_MARKER_SUFFIXES = (
     ".part",
     ".partial",
@@ -376,6 +379,8 @@ class LocalFolder:
         total = 0
         try:
             with os.fdopen(fd, "rb") as src:
+                if isinstance(fh, _HashingWriter) and fh.can_copy_from_file():
+                    return fh.copy_from_file(src.fileno())
                 while chunk := src.read(_COPY_CHUNK):
                     fh.write(chunk)
                     total += len(chunk)
@@ -583,6 +588,48 @@ class _HashingWriter:
 
     def hexdigest(self) -> str:
         return self._sha.hexdigest()
+
+    def can_copy_from_file(self) -> bool:
+        return self._limit is None and hasattr(os, "copy_file_range") and _has_fd(self._fh)
+
+    def copy_from_file(self, src_fd: int) -> int:
+        """Copy a local file to the end in the kernel (copy_file_range: no trip through Python
+        buffers) while a thread hashes the copied bytes of the landing copy."""
+        self._fh.flush()
+        dest_fd = self._fh.fileno()
+        start = os.lseek(dest_fd, 0, os.SEEK_CUR)
+        copied_up_to: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        hashing = threading.Thread(target=self._hash_landed, args=(dest_fd, start, copied_up_to))
+        hashing.start()
+        copied = 0
+        try:
+            while step := os.copy_file_range(src_fd, dest_fd, _KERNEL_COPY_STEP):
+                copied += step
+                copied_up_to.put(start + copied)
+        finally:
+            copied_up_to.put(None)
+            hashing.join()
+        self.count += copied
+        return copied
+
+    def _hash_landed(
+        self, fd: int, position: int, copied_up_to: "queue.SimpleQueue[int | None]"
+    ) -> None:
+        while (end := copied_up_to.get()) is not None:
+            while position < end:
+                block = os.pread(fd, min(_COPY_CHUNK * 8, end - position), position)
+                if not block:
+                    return
+                self._sha.update(block)
+                position += len(block)
+
+
+def _has_fd(fh: BinaryIO) -> bool:
+    try:
+        fh.fileno()
+    except (OSError, AttributeError, ValueError):
+        return False
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
