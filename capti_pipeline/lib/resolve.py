@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import pandas as pd
 
 from capti_pipeline.lib import oneroster_format as fmt
-from capti_pipeline.lib.fastops import isin
+from capti_pipeline.lib.fastops import duplicated, isin, map_distinct
 from capti_pipeline.lib.issues import WARNING, Issue
 from capti_pipeline.lib.validate import ValidatedDelivery
 
@@ -242,7 +242,7 @@ def _resolve_users(
             "locations": users["schools"].astype("str"),
         }
     )
-    duplicate_names = frame["username"].duplicated(keep=False)
+    duplicate_names = duplicated(frame["username"])
     if duplicate_names.any():
         for index, sourced_id in frame["sourcedId"][duplicate_names].items():
             issues.append(
@@ -281,11 +281,10 @@ def _org_memberships(
 ) -> tuple[pd.Series, pd.Series]:
     """Per user: sorted school ids (comma-joined) and whether one of the orgs is a district."""
     single = ~org_lists.str.contains(",", regex=False)
-    types = org_lists[single].map(org_types)
-    schools = pd.Series("", index=org_lists.index, dtype="str")
-    in_district = pd.Series(False, index=org_lists.index)
-    schools[single] = org_lists[single].where(types.eq("school"), "")
-    in_district[single] = types.eq("district")
+    # Few distinct org ids: their types are looked up once each.
+    types = map_distinct(org_lists, lambda org: org_types.get(org, ""))
+    schools = org_lists.where(single & types.eq("school"), "")
+    in_district = single & types.eq("district")
     for index, value in org_lists[~single].items():
         ids = _split_list(value)
         schools[index] = ",".join(sorted({i for i in ids if org_types.get(i) == "school"}))
@@ -361,22 +360,28 @@ def _resolve_enrollments(
 ) -> tuple[pd.DataFrame, set[str]]:
     if enrollments is None:
         return pd.DataFrame(columns=["sourcedId", "class", "user", "role"], dtype="str"), set()
-    removals = set(enrollments["sourcedId"][enrollments["status"].eq("tobedeleted")])
-    live = enrollments[enrollments["status"].ne("tobedeleted")]
+    deleting = enrollments["status"].eq("tobedeleted")
+    removals = set(enrollments["sourcedId"][deleting])
+    live = enrollments[~deleting] if deleting.any() else enrollments
     rejected_user = isin(live["userSourcedId"], delivery.protected.get("users", set()))
     if rejected_user.any():
         delivery.protected.setdefault("enrollments", set()).update(live["sourcedId"][rejected_user])
         live = live[~rejected_user]
     if delivery.modes.get("users.csv") == "bulk":
-        # Users skipped for their role (parents, aides) cannot be enrolled in Capti.
-        skipped_user = ~isin(live["userSourcedId"], users["sourcedId"])
+        # Users skipped for their role (parents, aides) cannot be enrolled in Capti. (A bulk
+        # file's enrollments only point at its own users, validation saw to that: the few
+        # delivered users that were not kept are the ones to look for.)
+        delivered = delivery.frames["users"]["sourcedId"]
+        dropped = delivered[~isin(delivered, users["sourcedId"])]
+        skipped_user = isin(live["userSourcedId"], dropped)
         _summarise_skipped(
             "enrollments.csv",
             "enrollment(s) of users Capti does not import skipped",
             live["sourcedId"][skipped_user],
             issues,
         )
-        live = live[~skipped_user]
+        if skipped_user.any():
+            live = live[~skipped_user]
     frame = pd.DataFrame(
         {
             "sourcedId": live["sourcedId"],
