@@ -60,8 +60,14 @@ def _ledger(conn: Connection, plan: Plan) -> dict[str, pd.DataFrame]:
         existing = changes[~changes["action"].eq("create")]
         if existing.empty:
             continue
-        before = st.read_full_rows(conn, plan.district_id, entity, existing["sourcedId"].tolist())
-        before = before.drop(columns=["id"], errors="ignore")
+        if entity in plan.before:  # whole before-images from the state the plan was made on
+            known = plan.before[entity]
+            before = known[isin(known["sourced_id"], existing["sourcedId"].astype("str"))]
+            before = before.reset_index(drop=True)
+        else:
+            ids = existing["sourcedId"].tolist()
+            before = st.read_full_rows(conn, plan.district_id, entity, ids)
+            before = before.drop(columns=["id"], errors="ignore")
         # Nullable Int64 keeps 63-bit hashes exact in the Parquet ledger (never floats).
         before["row_hash"] = before["row_hash"].astype("Int64")
         action_of = dict(zip(existing["sourcedId"], existing["action"], strict=True))

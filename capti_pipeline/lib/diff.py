@@ -42,6 +42,9 @@ class Plan:
     rows_read: dict[str, int] = field(default_factory=dict)
     # Changes left out because the district is in adds-only mode, per entity.
     skipped_by_adds_only: dict[str, int] = field(default_factory=dict)
+    # Before-images (store columns) of changed rows the state holds whole, as of base_version:
+    # the apply's ledger for them needs no read of the store.
+    before: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -92,8 +95,41 @@ def compute_plan(
     _cascade_archives(changes, store, roster)
     membership = _membership_changes(changes["users"], store)
     return Plan(
-        district_id, store.version, changes, issues, duplicates, membership, dict(roster.rows_read)
+        district_id,
+        store.version,
+        changes,
+        issues,
+        duplicates,
+        membership,
+        dict(roster.rows_read),
+        before=_before_images(changes, store),
     )
+
+
+def _before_images(changes: dict[str, pd.DataFrame], store: StoreState) -> dict[str, pd.DataFrame]:
+    """Stored rows the plan changes, for entities whose state carries every ledger column."""
+    out: dict[str, pd.DataFrame] = {}
+    for entity, names in COMPLETE_STATE.items():
+        frame = changes.get(entity)
+        if frame is None or frame.empty:
+            continue
+        stored = store.frames[entity]
+        rows = stored[isin(stored["sourcedId"], frame["sourcedId"].astype("str"))]
+        out[entity] = rows[list(names)].set_axis(list(names.values()), axis=1)
+    return out
+
+
+# Entities whose state rows are whole before-images: state column -> store column.
+COMPLETE_STATE = {
+    "enrollments": {
+        "sourcedId": "sourced_id",
+        "class": "class_sourced_id",
+        "user": "user_sourced_id",
+        "role": "role",
+        "status": "status",
+        "row_hash": "row_hash",
+    }
+}
 
 
 def _deletion_scope(
@@ -428,5 +464,6 @@ def filter_adds_only(plan: Plan) -> tuple[Plan, dict[str, int]]:
         {"added": added, "ended": 0},
         dict(plan.rows_read),
         skipped,
+        plan.before,
     )
     return filtered, skipped

@@ -31,7 +31,9 @@ STATE_COLUMNS: dict[str, tuple[str, ...]] = {
     "locations": ("type",),
     "users": ("username", "email", "identifier", "locations"),
     "classes": ("location",),
-    "enrollments": ("class", "user"),
+    # role too: with it an enrollment's state row is its whole before-image (the apply's ledger
+    # takes it from the plan instead of reading thousands of rows back).
+    "enrollments": ("class", "user", "role"),
 }
 _STORE_NAMES = {"class": "class_sourced_id", "user": "user_sourced_id"}
 UPSERT, ARCHIVE, DELETE = "upsert", "archive", "delete"
@@ -186,6 +188,8 @@ def _read_snapshot(
         try:
             frame = _decode(data)
         except (pa.ArrowException, OSError):  # unreadable (another format, damaged): rescan
+            return None
+        if not set(columns_of(entity)) <= set(frame.columns):  # an older layout: rescan
             return None
         if kind == "full" and version == head["full_version"]:
             full.setdefault(entity, []).append(frame)

@@ -194,6 +194,16 @@ def sync_once(engine, district_id: str, delivery: dict):
     with engine.connect() as conn:
         state = load_state(conn, district_id)
     plan = compute_plan(district_id, roster, state)
+    with engine.connect() as conn:
+        # Before-images the plan carries (the apply's ledger uses them) are the stored rows.
+        for entity, before in plan.before.items():
+            stored = st.read_full_rows(conn, district_id, entity, before["sourced_id"].tolist())
+            expected = stored[list(before.columns)].sort_values("sourced_id")
+            assert sorted(before.astype(str).itertuples(index=False)) == sorted(
+                expected.astype(str).itertuples(index=False)
+            )
+            changed = set(plan.changes[entity]["sourcedId"]) & set(stored["sourced_id"])
+            assert set(before["sourced_id"]) == changed
     with engine.begin() as conn:
         apply_plan(conn, plan, f"run-{next(_counter)}")
     return roster
