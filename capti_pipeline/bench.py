@@ -209,6 +209,9 @@ def _spawn(spec: dict[str, Any], env: dict[str, str], workdir: Path) -> dict[str
     """Run one measurement in a fresh interpreter; adds its peak RSS and whole-process wall time."""
     result_path = workdir / f".child-{os.getpid()}-{time.monotonic_ns()}.json"
     spec = {**spec, "result_path": str(result_path)}
+    # Earlier work's dirty pages (a delivery just generated, the previous sync's files) are
+    # written back first, so this measurement does not compete with their write-back.
+    os.sync()
     started = time.perf_counter()
     if spec["kind"] == "snapshot":
         env = {**env, "PYTHONHASHSEED": "0"}
