@@ -281,6 +281,12 @@ def apply_delta(base: pd.DataFrame, delta: pd.DataFrame | None) -> pd.DataFrame:
     if delta is None or delta.empty:
         return base
     delta = delta.reset_index(drop=True)
+    if base.empty:  # a first import: the upserts are the state
+        return (
+            delta[delta["op"].eq(UPSERT)]
+            .drop(columns="op")[list(base.columns)]
+            .reset_index(drop=True)
+        )
     merged = base.reset_index(drop=True)
     rows = np.flatnonzero(isin(merged["sourcedId"], delta["sourcedId"]).to_numpy())
     gone = np.zeros(len(merged), dtype=bool)
