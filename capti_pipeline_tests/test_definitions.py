@@ -65,3 +65,20 @@ def test_defs_modules_use_no_deprecated_dagster_api():
         warnings.simplefilter("error", DeprecationWarning)
         for name in modules:
             importlib.import_module(name)
+
+
+def test_registering_a_district_creates_the_apply_pool_limit(capti_env, tmp_path):
+    # Created once, up front: Dagster would create it on the first claim, and two runs doing
+    # that at the same time on PostgreSQL can fail one of them.
+    from capti_pipeline import service
+
+    overrides = {"concurrency": {"pools": {"default_limit": 2}}}  # as the project's dagster.yaml
+    (tmp_path / "home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home"), overrides=overrides) as instance:
+        storage = instance.event_log_storage
+        assert "roster_db" not in storage.get_concurrency_keys()
+        service.register_district(
+            "pool-check", str(capti_env.delivery_dir("pool-check")), instance=instance
+        )
+        assert "roster_db" in storage.get_concurrency_keys()
+        assert storage.get_concurrency_info("roster_db").slot_count == 2

@@ -28,6 +28,8 @@ GROUP = "roster_sync"
 TRIGGER_TAG = "capti/trigger"
 DRY_RUN_TAG = "capti/dry_run"
 IMPORT_REQUEST_TAG = "capti/import_request"
+# Concurrency pool of the apply step: caps concurrent write transactions on the roster store.
+APPLY_POOL = "roster_db"
 _OWNERS = ["team:roster-sync"]
 _LEFTOVER_AGE_S = 6 * 3600
 
@@ -435,7 +437,7 @@ def roster_diff(
     group_name=GROUP,
     kinds={"sqlite", "postgres"},
     owners=_OWNERS,
-    pool="roster_db",
+    pool=APPLY_POOL,
     description="The plan written to the roster store in one transaction per district, with a "
     "change ledger for undo. A plan computed against an older roster is never applied.",
 )

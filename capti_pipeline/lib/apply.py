@@ -91,14 +91,14 @@ def _write_entity(
         frame = frame.set_axis(["sourced_id", *store_columns, "row_hash"], axis=1)
         # In key order, the (district_id, sourced_id) index grows at its end instead of
         # splitting pages all over (a third less time for millions of rows).
-        frame = frame.take(sort_order(frame["sourced_id"])).reset_index(drop=True)
+        order = sort_order(frame["sourced_id"])
         constants = {
             "district_id": district_id,
             "status": "active",
             "created_run": run_id,
             "updated_run": run_id,
         }
-        written += st.insert_frame(conn, table, frame, constants)
+        written += st.insert_frame(conn, table, frame, constants, order)
 
     full = changes[changes["action"].isin(_FULL_WRITE)]
     if not full.empty:
@@ -196,9 +196,8 @@ def _rewrite_memberships(
     )
     rows = new[_MEMBERSHIP_COLUMNS[1:]]
     # In primary-key order, like the roster rows (the index grows at its end).
-    rows = rows.take(sort_order(rows["user_sourced_id"], rows["location_sourced_id"]))
-    rows = rows.reset_index(drop=True)
-    return written + st.insert_frame(conn, "memberships", rows, {"district_id": district_id})
+    order = sort_order(rows["user_sourced_id"], rows["location_sourced_id"])
+    return written + st.insert_frame(conn, "memberships", rows, {"district_id": district_id}, order)
 
 
 def _wanted_memberships(

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -534,17 +535,29 @@ _SQLITE_HAS_JSON_ARROWS = sqlite3.sqlite_version_info >= (3, 38, 0)
 
 
 def insert_frame(
-    conn: Connection, table: str, frame: pd.DataFrame, constants: dict[str, Any] | None = None
+    conn: Connection,
+    table: str,
+    frame: pd.DataFrame,
+    constants: dict[str, Any] | None = None,
+    order: np.ndarray | None = None,
 ) -> int:
     """Bulk insert of a frame whose columns are target columns, plus `constants` (the same value
     in every row), in batches (bounded memory), with no per-row Python: on PostgreSQL COPY of the
     frame written as CSV by pyarrow; on SQLite one INSERT ... SELECT over a JSON array per batch
     (pandas writes the JSON in C, SQLite reads it in C: half the cost of executemany's
-    per-value binding)."""
+    per-value binding). Rows go in `order` (positions) when given, batch by batch (no reordered
+    copy of the whole frame)."""
     if frame.empty:
         return 0
     constants = constants or {}
-    if conn.dialect.name == "sqlite" and _SQLITE_HAS_JSON_ARROWS:
+
+    def rows_of(start: int, stop: int) -> pd.DataFrame:
+        rows = frame.iloc[start:stop] if order is None else frame.take(order[start:stop])
+        return rows.assign(**constants) if constants and not json_path else rows
+
+    json_path = conn.dialect.name == "sqlite" and _SQLITE_HAS_JSON_ARROWS
+
+    if json_path:  # constants are statement parameters
         names = [*constants, *frame.columns]
         values = [f"?{i + 2}" for i in range(len(constants))]
         values += [f"value ->> {i}" for i in range(len(frame.columns))]
@@ -553,19 +566,16 @@ def insert_frame(
             "FROM json_each(?1)"
         )
         for start in range(0, len(frame), _INSERT_BATCH):
-            payload = frame.iloc[start : start + _INSERT_BATCH].to_json(orient="values")
+            payload = rows_of(start, start + _INSERT_BATCH).to_json(orient="values")
             conn.exec_driver_sql(statement, (payload, *constants.values()))
         return len(frame)
-    frame = frame.assign(**constants) if constants else frame
-    columns = list(frame.columns)
+    columns = [*frame.columns, *constants]
     if conn.dialect.name != "postgresql":
         marks = ", ".join("?" for _ in columns)
         statement = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
         statement = statement.replace("?", _placeholder(conn))
         for start in range(0, len(frame), _INSERT_BATCH):
-            conn.exec_driver_sql(
-                statement, _rows(frame.iloc[start : start + _INSERT_BATCH], columns)
-            )
+            conn.exec_driver_sql(statement, _rows(rows_of(start, start + _INSERT_BATCH), columns))
         return len(frame)
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
@@ -574,7 +584,7 @@ def insert_frame(
             buffer = io.BytesIO()
             pa_csv.write_csv(
                 pa.Table.from_pandas(
-                    frame.iloc[start : start + 10 * _INSERT_BATCH], preserve_index=False
+                    rows_of(start, start + 10 * _INSERT_BATCH), preserve_index=False
                 ),
                 buffer,
                 # Strings are always quoted, so '' stays '' (unquoted empty is NULL to COPY).
