@@ -315,7 +315,9 @@ def _keep_usernames_unique(
     if writes.empty:
         return set()
     stored = store.frames["users"][["sourcedId", "username"]]
-    previous = stored.set_index("sourcedId")["username"]
+    # Only the written accounts' stored usernames are looked up (not an index of all of them).
+    touched = stored[isin(stored["sourcedId"], writes["sourcedId"].astype("str"))]
+    previous = touched.set_index("sourcedId")["username"]
     refused: set[str] = set()
     while True:
         # Usernames this plan gives (creates, and updates/restores that change it).
