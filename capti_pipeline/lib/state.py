@@ -63,12 +63,6 @@ def columns_of(entity: str) -> list[str]:
     return ["sourcedId", "status", "row_hash", *STATE_COLUMNS[entity]]
 
 
-def empty_frame(entity: str) -> pd.DataFrame:
-    frame = pd.DataFrame({c: pd.Series(dtype="str") for c in columns_of(entity)})
-    frame["row_hash"] = frame["row_hash"].astype("int64")
-    return frame
-
-
 def _normalised(entity: str, frame: pd.DataFrame) -> pd.DataFrame:
     """Exactly the state columns, as `str` and int64, on a fresh RangeIndex."""
     out = {}

@@ -3,16 +3,11 @@
 also after an undo. Real Dagster runs of the district partition and the CLI in this process."""
 
 import json
-from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.generator import (
-    DistrictSpec,
-    GeneratedDistrict,
-    generate_district,
     remove_students,
     rename_users,
     write_delivery,
@@ -21,28 +16,10 @@ from capti_pipeline_tests.support.harness import CaptiEnv
 from capti_pipeline_tests.support.operator import (
     NO_THRESHOLDS,
     Cli,
-    cli_runner,
     deliver,
     keep_users,
     run_record,
 )
-
-SPEC = DistrictSpec(district_id="hp", students=240, students_per_school=80, seed=3)
-
-
-@pytest.fixture
-def cli_run(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return cli_runner(capsys)
-
-
-@pytest.fixture
-def imported(capti_env: CaptiEnv) -> tuple[CaptiEnv, GeneratedDistrict, Path]:
-    district = generate_district(SPEC)
-    folder = deliver(capti_env, district, "hp")
-    capti_env.register("hp", folder)
-    first = capti_env.run("hp")
-    assert first.state == "applied", first.report
-    return capti_env, district, folder
 
 
 def stored_plan_entities(env: CaptiEnv, run_id: str) -> int:
@@ -63,8 +40,8 @@ def status_of(cli_run: Cli, district_id: str) -> dict:
 # --- a held plan stays pending until an apply or a newer hold --------------------------------
 
 
-def test_held_plan_survives_dry_runs_and_failed_or_refused_runs(imported, cli_run: Cli) -> None:
-    env, district, folder = imported
+def test_held_plan_survives_dry_runs_and_failed_or_refused_runs(hp_district, cli_run: Cli) -> None:
+    env, district, folder = hp_district
     before = env.snapshot("hp")
     cut = keep_users(folder, 0.10)
     held = env.run("hp")
@@ -102,8 +79,8 @@ def test_held_plan_survives_dry_runs_and_failed_or_refused_runs(imported, cli_ru
     assert code == 1 and "no held plan" in out
 
 
-def test_a_newer_hold_supersedes_the_older_one(imported, cli_run: Cli) -> None:
-    env, district, folder = imported
+def test_a_newer_hold_supersedes_the_older_one(hp_district, cli_run: Cli) -> None:
+    env, district, folder = hp_district
     before = env.snapshot("hp")
     keep_users(folder, 0.5)
     first = env.run("hp")
@@ -129,8 +106,8 @@ def test_a_newer_hold_supersedes_the_older_one(imported, cli_run: Cli) -> None:
     assert archived == set(cut)  # the newer plan, not the older one
 
 
-def test_a_later_apply_supersedes_the_held_plan(imported, cli_run: Cli) -> None:
-    env, district, folder = imported
+def test_a_later_apply_supersedes_the_held_plan(hp_district, cli_run: Cli) -> None:
+    env, district, folder = hp_district
     keep_users(folder, 0.10)
     held = env.run("hp")
     assert held.state == "held"
@@ -152,8 +129,8 @@ def test_a_later_apply_supersedes_the_held_plan(imported, cli_run: Cli) -> None:
     assert code == 1 and "no held plan" in out
 
 
-def test_approve_refuses_a_plan_whose_roster_version_is_stale(imported, cli_run: Cli) -> None:
-    env, _, folder = imported
+def test_approve_refuses_a_plan_whose_roster_version_is_stale(hp_district, cli_run: Cli) -> None:
+    env, _, folder = hp_district
     before = env.snapshot("hp")
     keep_users(folder, 0.10)
     held = env.run("hp")
@@ -175,8 +152,8 @@ def test_approve_refuses_a_plan_whose_roster_version_is_stale(imported, cli_run:
 # --- completeness baseline -------------------------------------------------------------------
 
 
-def test_completeness_rule_still_holds_after_an_undo(imported, cli_run: Cli) -> None:
-    env, district, folder = imported
+def test_completeness_rule_still_holds_after_an_undo(hp_district, cli_run: Cli) -> None:
+    env, district, folder = hp_district
     code, out = cli_run("district", "set", "hp", "--thresholds", NO_THRESHOLDS)
     assert code == 0, out
     full_rows = len(district.frames["users"])

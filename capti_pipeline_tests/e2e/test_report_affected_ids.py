@@ -13,15 +13,9 @@ from capti_pipeline_tests.support.harness import CaptiEnv
 from capti_pipeline_tests.support.operator import (
     NO_THRESHOLDS,
     Cli,
-    cli_runner,
     deliver,
     keep_users,
 )
-
-
-@pytest.fixture
-def cli_run(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return cli_runner(capsys)
 
 
 @pytest.fixture

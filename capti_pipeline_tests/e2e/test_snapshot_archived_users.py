@@ -1,41 +1,15 @@
 """`capti-sync snapshot`: an archived user was removed from its schools, so it shows no
 locations; the store keeps the last ones, which a restore gives back."""
 
-from pathlib import Path
-
-import pytest
 import sqlalchemy as sa
 
 from capti_pipeline.lib import store as st
-from capti_pipeline.lib.generator import (
-    DistrictSpec,
-    GeneratedDistrict,
-    generate_district,
-    remove_students,
-)
-from capti_pipeline_tests.support.harness import CaptiEnv
-from capti_pipeline_tests.support.operator import NO_THRESHOLDS, Cli, cli_runner, deliver
-
-SPEC = DistrictSpec(district_id="hp", students=240, students_per_school=80, seed=3)
+from capti_pipeline.lib.generator import remove_students
+from capti_pipeline_tests.support.operator import NO_THRESHOLDS, deliver
 
 
-@pytest.fixture
-def cli_run(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return cli_runner(capsys)
-
-
-@pytest.fixture
-def imported(capti_env: CaptiEnv) -> tuple[CaptiEnv, GeneratedDistrict, Path]:
-    district = generate_district(SPEC)
-    folder = deliver(capti_env, district, "hp")
-    capti_env.register("hp", folder)
-    first = capti_env.run("hp")
-    assert first.state == "applied", first.report
-    return capti_env, district, folder
-
-
-def test_archived_users_show_no_locations_and_get_them_back_when_restored(imported, cli_run):
-    env, district, _ = imported
+def test_archived_users_show_no_locations_and_get_them_back_when_restored(hp_district, cli_run):
+    env, district, _ = hp_district
     before = {u["sourcedId"]: u for u in env.snapshot("hp")["users"]}
     cli_run("district", "set", "hp", "--thresholds", NO_THRESHOLDS)
     night2, leavers = remove_students(district, 0.05, seed=2)

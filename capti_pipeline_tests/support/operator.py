@@ -1,4 +1,5 @@
-"""Helpers for end-to-end tests that drive the operator CLI over generated deliveries."""
+"""Helpers and fixtures (a pytest plugin, see conftest) for end-to-end tests that drive the
+operator CLI over generated deliveries."""
 
 import csv
 import io
@@ -9,12 +10,34 @@ import pytest
 
 from capti_pipeline import cli
 from capti_pipeline.lib import store as st
-from capti_pipeline.lib.generator import GeneratedDistrict, write_delivery
+from capti_pipeline.lib.generator import (
+    DistrictSpec,
+    GeneratedDistrict,
+    generate_district,
+    write_delivery,
+)
 from capti_pipeline_tests.support.harness import CaptiEnv
 
 Cli = Callable[..., tuple[int, str]]
 # Only the completeness rule may hold (the thresholds would hold a cut users.csv on their own).
 NO_THRESHOLDS = '{"*": {"archive": {"percent": 100}, "update": {"percent": 100}}}'
+HP_SPEC = DistrictSpec(district_id="hp", students=240, students_per_school=80, seed=3)
+
+
+@pytest.fixture
+def cli_run(capsys: pytest.CaptureFixture[str]) -> Cli:
+    return cli_runner(capsys)
+
+
+@pytest.fixture
+def hp_district(capti_env: CaptiEnv) -> tuple[CaptiEnv, GeneratedDistrict, Path]:
+    """District "hp" (240 students in 3 schools) imported once: (env, district, drop folder)."""
+    district = generate_district(HP_SPEC)
+    folder = deliver(capti_env, district, "hp")
+    capti_env.register("hp", folder)
+    first = capti_env.run("hp")
+    assert first.state == "applied", first.report
+    return capti_env, district, folder
 
 
 def cli_runner(capsys: pytest.CaptureFixture[str]) -> Cli:
