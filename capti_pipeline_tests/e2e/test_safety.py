@@ -83,6 +83,7 @@ def test_users_cut_to_a_tenth_is_held_then_approved(imported, capsys):
     after = {u["sourcedId"]: u for u in env.snapshot("safe")["users"]}
     archived = [s for s, u in after.items() if u["status"] == "archived"]
     assert len(archived) == len(district.frames["users"]) - kept
+    assert_snapshot_matches_tables(env.engine(), "safe")  # the approve recorded its state too
     code, out = cli_out(capsys, "status", "safe", "--json")
     assert json.loads(out)["state"] == "applied"
 
