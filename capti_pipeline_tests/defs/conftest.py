@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,9 +14,9 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from capti_pipeline import cli
 from capti_pipeline.resources import Notifier, RosterStore
 from capti_pipeline_tests.support.harness import CaptiEnv
+from capti_pipeline_tests.support.operator import cli_runner
 
 
 def sensor_resources(env: CaptiEnv) -> dict[str, object]:
@@ -48,14 +49,7 @@ def run_requests(result: object) -> list[dg.RunRequest]:
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]]:
     """`capti-sync ARGS` in this process (same env as capti_env): (exit code, stdout+stderr)."""
-
-    def invoke(*args: str) -> tuple[int, str]:
-        capsys.readouterr()
-        code = cli.main(list(args))
-        captured = capsys.readouterr()
-        return code, captured.out + captured.err
-
-    return invoke
+    return cli_runner(capsys)
 
 
 @pytest.fixture
@@ -136,3 +130,15 @@ def make_project_home(root: Path) -> ProjectHome:
 @pytest.fixture
 def project_home(tmp_path: Path) -> ProjectHome:
     return make_project_home(tmp_path / "deployed")
+
+
+def stop_daemon(daemon: subprocess.Popen[bytes]) -> int:
+    """SIGTERM is the daemon's clean shutdown; its process group (code server, run workers)
+    is killed only if it does not stop in time."""
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        return daemon.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait(timeout=10)
+        raise

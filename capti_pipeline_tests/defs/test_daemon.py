@@ -2,7 +2,6 @@
 launches a run through the queued run coordinator and the run applies the delivery."""
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 from capti_pipeline.lib import operations
 from capti_pipeline.lib import store as st
 from capti_pipeline.resources import store_engine
-from capti_pipeline_tests.defs.conftest import PROJECT_ROOT, VENV_BIN, ProjectHome
+from capti_pipeline_tests.defs.conftest import PROJECT_ROOT, VENV_BIN, ProjectHome, stop_daemon
 from capti_pipeline_tests.support.harness import EDFI
 
 # daemon start → sensor tick → queued → launched → finished (override on a slow CI machine)
@@ -24,18 +23,6 @@ LINK_WAIT_S = 30  # at most two more import_now_sensor ticks (15 s) to link the 
 def _log_tail(path: Path, lines: int = 80) -> str:
     text = path.read_text(errors="replace") if path.exists() else "(no daemon log)"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _stop(daemon: subprocess.Popen[bytes]) -> int:
-    """SIGTERM is the daemon's clean shutdown; its process group (code server, run workers)
-    is killed only if it does not stop in time."""
-    daemon.send_signal(signal.SIGTERM)
-    try:
-        return daemon.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(daemon.pid, signal.SIGKILL)
-        daemon.wait(timeout=10)
-        raise
 
 
 @pytest.mark.slow
@@ -61,7 +48,7 @@ def test_daemon_runs_import_now_through_the_queue(project_home: ProjectHome) -> 
         assert run.status == dg.DagsterRunStatus.SUCCESS, _log_tail(log)
         status = _wait_for_request_status(home, log)
     finally:
-        code = _stop(daemon)
+        code = stop_daemon(daemon)
     assert code == 0, _log_tail(log)
 
     assert status == "applied"

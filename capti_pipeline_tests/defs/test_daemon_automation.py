@@ -15,18 +15,13 @@ The daemon is started once for the module; every test reads what that night left
 """
 
 import itertools
-import json
 import logging
 import os
-import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import dagster as dg
@@ -54,8 +49,10 @@ from capti_pipeline_tests.defs.conftest import (
     VENV_BIN,
     ProjectHome,
     make_project_home,
+    stop_daemon,
 )
 from capti_pipeline_tests.support.harness import EDFI
+from capti_pipeline_tests.support.webhook import closed_port, start_receiver
 
 pytestmark = pytest.mark.slow
 
@@ -138,28 +135,6 @@ def last_nightly_tick(now: datetime) -> datetime:
     raise AssertionError("unreachable")
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _receiver(received: list[dict]) -> HTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append(json.loads(body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def _register(home: ProjectHome, instance: dg.DagsterInstance, root: Path) -> None:
     """Five districts, written to the store as `capti-sync district add` would (partitions
     included): d1 and d2 with real deliveries, d3 with a small one; quiet is paused; gone was
@@ -177,7 +152,7 @@ def _register(home: ProjectHome, instance: dg.DagsterInstance, root: Path) -> No
         st.upsert_district(
             conn,
             "down",
-            source_url=f"sftp://capti@127.0.0.1:{_closed_port()}/drop",
+            source_url=f"sftp://capti@127.0.0.1:{closed_port()}/drop",
             known_hosts_path=str(known_hosts),
             password_env="CAPTI_TEST_SFTP_PASSWORD",
             active=True,
@@ -203,16 +178,6 @@ def _start_schedule_before(night_tick: datetime, instance: dg.DagsterInstance, s
     )
 
 
-def _stop(daemon: subprocess.Popen[bytes]) -> int:
-    daemon.send_signal(signal.SIGTERM)
-    try:
-        return daemon.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(daemon.pid, signal.SIGKILL)
-        daemon.wait(timeout=10)
-        raise
-
-
 def _settled(night: Night) -> bool:
     """Every expected run finished, and the failed one recorded and notified."""
     nightly = night.nightly_runs()
@@ -232,7 +197,7 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Night]:
     root = tmp_path_factory.mktemp("night")
     home = make_project_home(root / "deployed")
     received: list[dict] = []
-    server = _receiver(received)
+    server = start_receiver(received)
     home.env.update(
         CAPTI_WEBHOOK_URL=f"http://127.0.0.1:{server.server_port}/hook",
         CAPTI_UI_BASE_URL="http://dagster.example:3000",
@@ -293,7 +258,7 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Night]:
                         )
                     time.sleep(1)
             finally:
-                code = _stop(daemon)
+                code = stop_daemon(daemon)
             assert code == 0, night.log_tail()
             yield night
     server.shutdown()

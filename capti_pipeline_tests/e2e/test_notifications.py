@@ -2,35 +2,20 @@
 
 import json
 import shutil
-import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
 from capti_pipeline.lib.generator import DistrictSpec, generate_district, write_delivery
 from capti_pipeline_tests.support.harness import CaptiEnv
+from capti_pipeline_tests.support.webhook import closed_port, start_receiver
 
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[str, list[dict]]]:
     received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append(json.loads(body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = start_receiver(received)
     yield f"http://127.0.0.1:{server.server_port}/hook", received
     server.shutdown()
 
@@ -68,12 +53,6 @@ def test_refused_and_held_runs_are_notified(
     assert not any(name in json.dumps(received) for name in names)
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_failed_runs_are_notified(capti_env: CaptiEnv, receiver, monkeypatch, tmp_path: Path):
     url, received = receiver
     monkeypatch.setenv("CAPTI_WEBHOOK_URL", url)
@@ -102,7 +81,7 @@ def test_failed_runs_are_notified(capti_env: CaptiEnv, receiver, monkeypatch, tm
     monkeypatch.setenv("CAPTI_TEST_SFTP_PASSWORD", "not-used")
     capti_env.register(
         "down",
-        f"sftp://capti@127.0.0.1:{_closed_port()}/drop",
+        f"sftp://capti@127.0.0.1:{closed_port()}/drop",
         known_hosts=str(known_hosts),
         password_env="CAPTI_TEST_SFTP_PASSWORD",
     )

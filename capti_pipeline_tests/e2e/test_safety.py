@@ -17,29 +17,16 @@ from capti_pipeline.lib.generator import (
     rename_users,
     write_delivery,
 )
+from capti_pipeline_tests.support import operator
 from capti_pipeline_tests.support.harness import CaptiEnv
+from capti_pipeline_tests.support.operator import keep_users
 from capti_pipeline_tests.support.state_check import assert_snapshot_matches_tables
 
 SPEC = DistrictSpec(district_id="safe", students=240, students_per_school=80, seed=3)
 
 
 def deliver(env: CaptiEnv, district: GeneratedDistrict) -> Path:
-    folder = env.root / "drop" / "safe"
-    if folder.exists():
-        for path in folder.iterdir():
-            path.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    write_delivery(district, folder)
-    return folder
-
-
-def cut_users(folder: Path, keep_fraction: float) -> int:
-    """Keep only the first share of users.csv rows, as a broken export would."""
-    path = folder / "users.csv"
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    keep = max(1, int((len(lines) - 1) * keep_fraction))
-    path.write_text("".join(lines[: 1 + keep]), encoding="utf-8")
-    return keep
+    return operator.deliver(env, district, "safe")
 
 
 def cli_out(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -59,7 +46,7 @@ def imported(capti_env: CaptiEnv) -> tuple[CaptiEnv, GeneratedDistrict, dict]:
 def test_users_cut_to_a_tenth_is_held_then_approved(imported, capsys):
     env, district, before = imported
     folder = env.root / "drop" / "safe"
-    kept = cut_users(folder, 0.10)
+    cut = keep_users(folder, 0.10)
     outcome = env.run("safe")
     assert outcome.state == "held" and outcome.exit_code == 3
     assert env.snapshot("safe") == before  # nothing applied
@@ -82,7 +69,7 @@ def test_users_cut_to_a_tenth_is_held_then_approved(imported, capsys):
     assert code == 0, out
     after = {u["sourcedId"]: u for u in env.snapshot("safe")["users"]}
     archived = [s for s, u in after.items() if u["status"] == "archived"]
-    assert len(archived) == len(district.frames["users"]) - kept
+    assert sorted(archived) == sorted(cut)
     assert_snapshot_matches_tables(env.engine(), "safe")  # the approve recorded its state too
     code, out = cli_out(capsys, "status", "safe", "--json")
     assert json.loads(out)["state"] == "applied"
@@ -90,7 +77,7 @@ def test_users_cut_to_a_tenth_is_held_then_approved(imported, capsys):
 
 def test_discard_leaves_the_roster_as_it_was(imported, capsys):
     env, _, before = imported
-    cut_users(env.root / "drop" / "safe", 0.10)
+    keep_users(env.root / "drop" / "safe", 0.10)
     assert env.run("safe").exit_code == 3
     code, out = cli_out(capsys, "discard", "safe")
     assert code == 0 and "unchanged" in out
