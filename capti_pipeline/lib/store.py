@@ -543,10 +543,10 @@ def insert_frame(
     order: np.ndarray | None = None,
 ) -> int:
     """Bulk insert of a frame whose columns are target columns, plus `constants` (the same value
-    in every row), in batches (bounded memory), with no per-row Python: on PostgreSQL COPY of the
-    frame written as CSV by pyarrow; on SQLite one INSERT ... SELECT over a JSON array per batch
-    (pandas writes the JSON in C, SQLite reads it in C: half the cost of executemany's
-    per-value binding). Rows go in `order` (positions) when given."""
+    in every row), in batches (one batch encoded at a time), with no per-row Python: on
+    PostgreSQL COPY of the frame written as CSV by pyarrow; on SQLite one INSERT ... SELECT over
+    a JSON array per batch (pandas writes the JSON in C, SQLite reads it in C: half the cost of
+    executemany's per-value binding). Rows go in `order` (positions) when given."""
     if frame.empty:
         return 0
     constants = constants or {}
