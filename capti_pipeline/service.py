@@ -13,8 +13,9 @@ from typing import Any
 import dagster as dg
 
 from capti_pipeline import config
-from capti_pipeline.defs.assets import APPLY_POOL, DRY_RUN_TAG, TRIGGER_TAG
+from capti_pipeline.defs.assets import DRY_RUN_TAG, TRIGGER_TAG
 from capti_pipeline.defs.partitions import districts_partitions
+from capti_pipeline.defs.pools import ensure_pools
 from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.intake import PermanentSourceError, SourceSpec, parse_source
@@ -26,8 +27,6 @@ from capti_pipeline.lib.run_status import (
     record_dagster_failure,
 )
 from capti_pipeline.resources import Notifier, store_engine
-
-log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -127,18 +126,6 @@ def register_district(
         instance.add_dynamic_partitions(districts_partitions.name, [district_id])
     ensure_pools(instance)
     return district
-
-
-def ensure_pools(instance: dg.DagsterInstance) -> None:
-    """Create the apply step's pool limit now, from one process. Dagster creates it lazily on
-    the first claim, and two runs doing that at once on PostgreSQL can fail one of them
-    (an IntegrityError handled inside an aborted transaction)."""
-    storage = instance.event_log_storage
-    try:
-        if APPLY_POOL not in storage.get_concurrency_keys():
-            storage.initialize_concurrency_limit_to_default(APPLY_POOL)
-    except Exception:  # only a head start; the run's own claim still works
-        log.debug("could not initialise pool %s", APPLY_POOL, exc_info=True)
 
 
 def remove_district(district_id: str, instance: dg.DagsterInstance | None = None) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from capti_pipeline.defs.partitions import districts_partitions
+from capti_pipeline.defs.pools import APPLY_POOL
 from capti_pipeline.lib import intake, operations, sync
 from capti_pipeline.lib import report as rp
 from capti_pipeline.lib import store as st
@@ -28,8 +29,6 @@ GROUP = "roster_sync"
 TRIGGER_TAG = "capti/trigger"
 DRY_RUN_TAG = "capti/dry_run"
 IMPORT_REQUEST_TAG = "capti/import_request"
-# Concurrency pool of the apply step: caps concurrent write transactions on the roster store.
-APPLY_POOL = "roster_db"
 _OWNERS = ["team:roster-sync"]
 _LEFTOVER_AGE_S = 6 * 3600
 

@@ -5,6 +5,7 @@ import dagster as dg
 from capti_pipeline.defs.assets import TRIGGER_TAG
 from capti_pipeline.defs.jobs import roster_sync_job
 from capti_pipeline.defs.partitions import districts_partitions
+from capti_pipeline.defs.pools import ensure_pools
 from capti_pipeline.lib import operations
 from capti_pipeline.resources import RosterStore
 
@@ -34,6 +35,7 @@ def nightly_roster_sync(
     missing = [d.id for d in due if d.id not in known]
     if missing:
         context.instance.add_dynamic_partitions(districts_partitions.name, missing)
+    ensure_pools(context.instance)  # the night's runs start together: no race for the pool
     return [
         dg.RunRequest(
             partition_key=district.id,

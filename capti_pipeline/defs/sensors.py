@@ -8,6 +8,7 @@ import dagster as dg
 from capti_pipeline.defs.assets import IMPORT_REQUEST_TAG, TRIGGER_TAG
 from capti_pipeline.defs.jobs import roster_sync_job
 from capti_pipeline.defs.partitions import districts_partitions
+from capti_pipeline.defs.pools import ensure_pools
 from capti_pipeline.lib import operations
 from capti_pipeline.lib import store as st
 from capti_pipeline.lib.run_status import record_dagster_failure
@@ -43,6 +44,7 @@ def district_discovery_sensor(
     requests = []
     if added:
         requests.append(districts_partitions.build_add_request(added))
+        ensure_pools(context.instance)
     if removed:
         requests.append(districts_partitions.build_delete_request(removed))
     context.log.info(f"districts added: {added or 'none'}; removed: {removed or 'none'}")

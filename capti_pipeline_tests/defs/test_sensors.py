@@ -100,6 +100,20 @@ def test_discovery_adds_registered_and_deletes_removed_partitions(capti_env: Cap
     assert isinstance(discover(env), dg.SkipReason)  # nothing to do the third time
 
 
+def test_discovery_creates_the_apply_pool_limit(capti_env: CaptiEnv, tmp_path) -> None:
+    # A district registered straight in the store is first run by the daemon, not by the CLI:
+    # the sensor that gives it a partition also creates the pool limit its runs would race for.
+    with capti_env.engine().begin() as conn:
+        st.upsert_district(conn, "d1", source_url=str(EDFI))
+    overrides = {"concurrency": {"pools": {"default_limit": 2}}}  # as the project's dagster.yaml
+    with dg.instance_for_test(temp_dir=str(tmp_path), overrides=overrides) as instance:
+        storage = instance.event_log_storage
+        assert "roster_db" not in storage.get_concurrency_keys()
+        context = dg.build_sensor_context(instance=instance, resources=sensor_resources(capti_env))
+        assert isinstance(district_discovery_sensor(context), dg.SensorResult)
+        assert storage.get_concurrency_info("roster_db").slot_count == 2
+
+
 def test_rerunning_one_district_partition(capti_env: CaptiEnv) -> None:
     env = capti_env
     env.register("a", EDFI)
