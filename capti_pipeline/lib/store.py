@@ -554,12 +554,11 @@ def insert_frame(
         # One take of the whole frame: taking batch by batch from columns of many Arrow chunks
         # costs 2-3x more (17 s for a first import of a million students).
         frame = frame.take(order)
+    json_path = conn.dialect.name == "sqlite" and _SQLITE_HAS_JSON_ARROWS
 
     def rows_of(start: int, stop: int) -> pd.DataFrame:
         rows = frame.iloc[start:stop]
         return rows.assign(**constants) if constants and not json_path else rows
-
-    json_path = conn.dialect.name == "sqlite" and _SQLITE_HAS_JSON_ARROWS
 
     if json_path:  # constants are statement parameters
         names = [*constants, *frame.columns]
